@@ -1,0 +1,1 @@
+"""tm_export: the PyTorch reference of TerraMind and its export to separate ONNX graphs."""

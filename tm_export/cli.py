@@ -1,0 +1,54 @@
+"""tm-export: trace TerraMind into separate ONNX graphs, validate them, write a manifest."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tm_runtime.modalities import RAW_MODALITIES
+
+from .bands import parse_bands
+from .export import ExportConfig, ExportError, export
+from .reference.terramind import VARIANTS
+from .weights import WeightsError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tm-export", description=__doc__)
+    p.add_argument("--model", required=True, choices=list(VARIANTS), help="TerraMind v1 size")
+    p.add_argument("--modalities", required=True, nargs="+", metavar="MOD",
+                   help=f"input modalities to export ({', '.join(RAW_MODALITIES)})")
+    p.add_argument("--out", required=True, type=Path, help="export directory (written atomically)")
+    w = p.add_mutually_exclusive_group()
+    w.add_argument("--ckpt", type=Path, help="TerraMind_v1_<size>.pt (or .safetensors); default: the HF hub")
+    w.add_argument("--random-init", action="store_true", help="random weights, for tests and benchmarks")
+    p.add_argument("--seed", type=int, default=0, help="seed for --random-init")
+    p.add_argument("--bands", nargs="+", default=[], metavar="MOD=B1,B2",
+                   help="band subsets, e.g. S2L2A=BLUE,GREEN,RED,NIR_NARROW,SWIR_1,SWIR_2")
+    p.add_argument("--image-size", type=int, default=224, help="input size in pixels (positions resized bicubically)")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
+    p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
+    p.add_argument("--rtol", type=float, default=None, help="override the fp32 relative tolerance (1e-4)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = ExportConfig(
+            size=args.model, modalities=args.modalities, out=args.out, ckpt=args.ckpt,
+            random_init=args.random_init, seed=args.seed, bands=parse_bands(args.bands),
+            image_size=args.image_size, opset=args.opset, simplify=not args.no_simplify,
+            validate=not args.no_validate, max_rel_error=args.rtol, overwrite=args.overwrite,
+        )
+        export(config, log=lambda s: print(s, flush=True))
+    except (ExportError, WeightsError, ValueError) as exc:
+        print(f"tm-export: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

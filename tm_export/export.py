@@ -1,0 +1,250 @@
+"""specs -> trace -> simplify -> check dims -> validate -> manifest, in a temporary directory that is
+renamed to ``--out`` only when everything succeeded."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import onnx
+import torch
+
+from tm_runtime.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, sha256_file
+from tm_runtime.modalities import get_modality
+
+from . import weights as W
+from .bands import select_bands
+from .graphs import GraphSpec, all_specs
+from .reference.terramind import TerraMindEncoderModel, get_variant
+from .validate import summarize, validate_graph
+
+# Protobuf cannot serialise a single message over 2 GiB; stay clear of it.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+class ExportError(RuntimeError):
+    """The export could not be completed; nothing was written at the output path."""
+
+
+class ValidationFailed(ExportError):
+    pass
+
+
+@dataclass
+class ExportConfig:
+    size: str
+    modalities: list[str]
+    out: Path
+    ckpt: Path | None = None
+    random_init: bool = False
+    seed: int = 0
+    bands: dict[str, list[str]] = field(default_factory=dict)
+    image_size: int = 224
+    opset: int = 17
+    simplify: bool = True
+    validate: bool = True
+    max_rel_error: float | None = None  # overrides every graph's fp32 tolerance
+    overwrite: bool = False
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
+
+
+def _versions() -> dict[str, str]:
+    import onnxruntime
+
+    from tm_runtime import __version__
+
+    out = {"tm_deploy": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+           "onnxruntime": onnxruntime.__version__,
+           "exporter": "torch.onnx.export (TorchScript-based, dynamo=False)"}
+    try:
+        import onnxslim
+
+        out["onnxslim"] = onnxslim.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def build_reference(config: ExportConfig, log: Callable[[str], None] = print) -> tuple[TerraMindEncoderModel, dict]:
+    """The reference model with its weights, and the manifest's description of where they came from."""
+    variant = get_variant(config.size)
+    if config.image_size % 16 or config.image_size < 16:
+        raise ExportError(f"--image-size must be a positive multiple of 16, got {config.image_size}")
+    names = [get_modality(m).name for m in config.modalities]
+    if len(set(names)) != len(names):
+        raise ExportError(f"a modality is listed twice: {config.modalities}")
+    model = TerraMindEncoderModel(variant, names, image_size=config.image_size)
+    if config.random_init:
+        W.randomize(model, config.seed)
+        info = {"random_init": True, "seed": config.seed, "source": "random-init"}
+        log(f"WARNING: RANDOM WEIGHTS (--random-init --seed {config.seed}): outputs are meaningless; "
+            "for tests and benchmarks only")
+    else:
+        path = Path(config.ckpt) if config.ckpt else W.hub_checkpoint(config.size)
+        source = "file" if config.ckpt else "huggingface_hub"
+        log(f"weights: {path}")
+        W.load_needed(model, W.read_state_dict(path), str(path))
+        info = {"random_init": False, "source": source, "file": path.name, "sha256": sha256_file(path)}
+        if not config.ckpt:
+            info["repo_id"] = W.HUB_CHECKPOINTS[config.size][0]
+    for name, chosen in config.bands.items():
+        if name not in names:
+            raise ExportError(f"--bands names {name}, which is not among --modalities {' '.join(names)}")
+        select_bands(model.embedding(name), get_modality(name).bands, chosen)
+    return model.eval(), info
+
+
+def _trace(spec: GraphSpec, path: Path, opset: int) -> None:
+    # Batch 2: the exporter may specialise a dimension of size 1 (and 0).
+    dummy = spec.sample(2, torch.Generator().manual_seed(1))
+    axes = {d.name: d.dynamic_axes() for d in spec.inputs + spec.outputs if d.dynamic_axes()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            spec.module, dummy, str(path), input_names=[d.name for d in spec.inputs],
+            output_names=[d.name for d in spec.outputs], dynamic_axes=axes, opset_version=opset,
+            do_constant_folding=True, dynamo=False,
+        )
+
+
+def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:
+    import onnxslim
+
+    return onnxslim.slim(model)
+
+
+def check_dims(spec: GraphSpec, model: onnx.ModelProto) -> None:
+    """The saved graph must have exactly the declared dims: symbolic ones by name, fixed ones by value."""
+    declared = {d.name: d for d in spec.inputs + spec.outputs}
+    for value in list(model.graph.input) + list(model.graph.output):
+        decl = declared.get(value.name)
+        if decl is None:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        got = tuple(d.dim_param if d.HasField("dim_param") else d.dim_value for d in dims)
+        if got != tuple(decl.shape):
+            raise ExportError(f"graph {spec.name}: {value.name} was saved with shape {got}, declared {decl.shape} "
+                              "(the exporter specialised or renamed a dimension)")
+
+
+def _save(model: onnx.ModelProto, path: Path, threshold: int) -> list[str]:
+    """Save, with weights in an external file when the graph is too big for one protobuf."""
+    size = sum(t.ByteSize() for t in model.graph.initializer)
+    if size <= threshold:
+        onnx.save_model(model, str(path))
+        return []
+    data_name = path.name + ".data"
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data_name, size_threshold=1024)
+    return [data_name]
+
+
+def export_graph(spec: GraphSpec, workdir: Path, config: ExportConfig, log: Callable[[str], None]) -> dict:
+    start = time.perf_counter()
+    raw = workdir / f".{spec.name}.raw.onnx"
+    _trace(spec, raw, config.opset)
+    model = onnx.load(str(raw))
+    simplified = False
+    if config.simplify:
+        try:
+            model = _simplify(model)
+            simplified = True
+        except Exception as exc:  # onnxslim fails on some big graphs; the traced graph is still valid
+            log(f"  {spec.name}: simplification failed ({exc}); keeping the traced graph")
+    for leftover in workdir.glob(f".{spec.name}.raw.onnx*"):
+        leftover.unlink()
+    check_dims(spec, model)
+    path = workdir / spec.file
+    external = _save(model, path, config.external_data_threshold)
+    entry = {
+        "file": spec.file, "sha256": sha256_file(path),
+        "external_data": [{"file": f, "sha256": sha256_file(workdir / f)} for f in external],
+        "opset": config.opset, "simplified": simplified,
+        "inputs": [d.to_json() for d in spec.inputs], "outputs": [d.to_json() for d in spec.outputs],
+        "precision": "fp32", "max_rel_error": config.max_rel_error or spec.max_rel_error, **spec.extra,
+    }
+    msg = f"exported in {time.perf_counter() - start:.1f}s"
+    if config.validate:
+        t0 = time.perf_counter()
+        result = summarize(validate_graph(spec, str(path)))
+        result["passed"] = result["max_rel"] <= entry["max_rel_error"]
+        entry["validation"] = result
+        msg += (f", validated in {time.perf_counter() - t0:.1f}s: max abs {result['max_abs']:.2e}, "
+                f"max rel {result['max_rel']:.2e} (tolerance {entry['max_rel_error']:.0e}) "
+                f"{'OK' if result['passed'] else 'FAILED'}")
+    log(f"  {spec.name}: {msg}")
+    return entry
+
+
+def _manifest(config: ExportConfig, model: TerraMindEncoderModel, weights: dict, graphs: dict) -> dict:
+    variant = model.variant
+    modalities = {}
+    for name in model.names:
+        mod = get_modality(name)
+        bands = config.bands.get(name, list(mod.bands))
+        idx = [mod.bands.index(b) for b in bands]
+        modalities[name] = {"key": mod.key, "graph": f"embed_{name}", "channels": len(bands), "bands": bands,
+                            "mean": [mod.mean[i] for i in idx], "std": [mod.std[i] for i in idx]}
+    validated = [g["validation"] for g in graphs.values() if "validation" in g]
+    return {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+        "model": {"name": f"terramind_v1_{variant.name}", "size": variant.name, "dim": variant.dim,
+                  "num_heads": variant.num_heads, "encoder_depth": variant.encoder_depth,
+                  "mlp": "swiglu" if variant.gated_mlp else "gelu", "patch_size": 16,
+                  "image_size": config.image_size, "tokens_per_modality": (config.image_size // 16) ** 2},
+        "weights": weights,
+        "modalities": modalities,
+        "encoder": {"graph": "encoder", "outputs": [o["name"] for o in graphs["encoder"]["outputs"]],
+                    "last_output_normed": True},
+        "graphs": graphs,
+        "validation": ({"run": True, "provider": "CPUExecutionProvider", "batches": [1, 3],
+                        "passed": all(v["passed"] for v in validated)} if config.validate else {"run": False}),
+        "exporter": {**_versions(), "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+    }
+
+
+def export(config: ExportConfig, log: Callable[[str], None] = print) -> dict:
+    """Export every graph of ``config`` into ``config.out``; returns the manifest."""
+    out = Path(config.out)
+    if out.exists() and not config.overwrite:
+        raise ExportError(f"{out} already exists; pass --overwrite to replace it")
+    start = time.perf_counter()
+    model, weights = build_reference(config, log)
+    specs = all_specs(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        graphs = {}
+        for i, spec in enumerate(specs, 1):
+            log(f"[{i}/{len(specs)}] {spec.name}")
+            graphs[spec.name] = export_graph(spec, workdir, config, log)
+        manifest = _manifest(config, model, weights, graphs)
+        (workdir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        failed = [n for n, g in graphs.items() if not g.get("validation", {"passed": True})["passed"]]
+        if failed:
+            raise ValidationFailed(f"graph(s) over tolerance: {', '.join(failed)}; nothing written to {out}")
+        _replace(workdir, out)
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    log(f"wrote {len(specs)} graphs to {out} in {time.perf_counter() - start:.1f}s")
+    return manifest
+
+
+def _replace(workdir: Path, out: Path) -> None:
+    """Move the finished export into place; an existing --out is only removed after that worked."""
+    os.chmod(workdir, 0o755)  # mkdtemp creates it 0700
+    if not out.exists():
+        workdir.rename(out)
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    out.rename(old)
+    workdir.rename(out)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,119 @@
+"""TerraMind v1 variants and the encoder side of the enc-dec model, in the checkpoint key space.
+
+Only the modules an export needs are built (the embeddings of the chosen modalities, the
+encoder, its norm); their ``state_dict`` keys are the official checkpoint's keys.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tm_runtime.modalities import get_modality
+
+from .embeddings import ImageEncoderEmbedding
+from .layers import Block, LayerNorm
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    dim: int
+    num_heads: int
+    encoder_depth: int
+    decoder_depth: int
+    gated_mlp: bool  # SwiGLU (base, large) or GELU MLP (tiny, small)
+    bias: bool  # qkv / proj / mlp biases
+
+    @property
+    def mlp_hidden(self) -> int:
+        # SwiGLU spends 2/3 of the 4*D hidden width, since it has a third projection.
+        return int(2 * 4 * self.dim / 3) if self.gated_mlp else 4 * self.dim
+
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in (
+        Variant("tiny", 192, 3, 12, 4, gated_mlp=False, bias=True),
+        Variant("small", 384, 6, 12, 6, gated_mlp=False, bias=True),
+        Variant("base", 768, 12, 12, 12, gated_mlp=True, bias=False),
+        Variant("large", 1024, 16, 24, 24, gated_mlp=True, bias=False),
+    )
+}
+
+
+def get_variant(name: str) -> Variant:
+    try:
+        return VARIANTS[name]
+    except KeyError:
+        raise ValueError(f"unknown model size {name!r}; choose one of {', '.join(VARIANTS)}") from None
+
+
+class Encoder(nn.Module):
+    """The transformer encoder: returns every block's output, the last one passed through
+    ``encoder_norm`` (as TerraMindViT does; the others are not normed)."""
+
+    def __init__(self, variant: Variant) -> None:
+        super().__init__()
+        self.encoder = nn.ModuleList(
+            Block(variant.dim, variant.num_heads, variant.mlp_hidden, variant.gated_mlp, variant.bias)
+            for _ in range(variant.encoder_depth)
+        )
+        self.encoder_norm = LayerNorm(variant.dim)
+
+    def forward(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        outputs = []
+        x = tokens
+        for block in self.encoder:
+            x = block(x)
+            outputs.append(x)
+        outputs[-1] = self.encoder_norm(x)
+        return outputs
+
+
+class TerraMindEncoderModel(nn.Module):
+    """Encoder embeddings for the given raw modalities + the encoder, checkpoint key space.
+
+    ``channels`` overrides a modality's channel count (band subsets); ``image_size`` is the size
+    the exported graphs take (positions are resized bicubically from the 224 table as upstream).
+    """
+
+    def __init__(
+        self,
+        variant: Variant,
+        modalities: list[str],
+        channels: dict[str, int] | None = None,
+        image_size: int = 224,
+    ) -> None:
+        super().__init__()
+        self.variant = variant
+        self.image_size = image_size
+        channels = channels or {}
+        self.encoder_embeddings = nn.ModuleDict()
+        self.names: dict[str, str] = {}  # user name -> checkpoint key
+        for name in modalities:
+            mod = get_modality(name)
+            num_channels = channels.get(mod.name, mod.num_channels)
+            # The table is built at 224 (the checkpoint's) and resized at trace time if needed.
+            self.encoder_embeddings[mod.key] = ImageEncoderEmbedding(num_channels, variant.dim, 224)
+            self.names[mod.name] = mod.key
+        body = Encoder(variant)
+        self.encoder = body.encoder
+        self.encoder_norm = body.encoder_norm
+        self._body = [body]  # not a submodule: keeps the key space flat
+
+    @property
+    def body(self) -> Encoder:
+        return self._body[0]
+
+    def embedding(self, name: str) -> ImageEncoderEmbedding:
+        return self.encoder_embeddings[self.names[name]]
+
+    def encode(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        return self.body(tokens)
+
+    def forward(self, images: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Eager reference of the whole embedding path (concatenation in dict order)."""
+        tokens = torch.cat([self.embedding(name)(img) for name, img in images.items()], dim=1)
+        return self.encode(tokens)

@@ -1,0 +1,100 @@
+"""Where weights come from: a local file, the Hugging Face hub (cache and offline aware), or
+seeded random values for tests and benchmarks; and strict, key-naming loading."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+HUB_CHECKPOINTS: dict[str, tuple[str, str]] = {
+    "tiny": ("ibm-esa-geospatial/TerraMind-1.0-tiny", "TerraMind_v1_tiny.pt"),
+    "small": ("ibm-esa-geospatial/TerraMind-1.0-small", "TerraMind_v1_small.pt"),
+    "base": ("ibm-esa-geospatial/TerraMind-1.0-base", "TerraMind_v1_base.pt"),
+    "large": ("ibm-esa-geospatial/TerraMind-1.0-large", "TerraMind_v1_large.pt"),
+}
+
+
+class WeightsError(RuntimeError):
+    """Weights could not be found, read, or do not fit the model."""
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A torch state_dict file (``.pt``/``.pth``, read with weights_only=True) or ``.safetensors``."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for non-checkpoint files
+        raise WeightsError(f"could not read {path} as a torch state_dict: {exc}") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]  # Lightning-style wrapper
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path} holds a {type(state).__name__}, not a state_dict")
+    return state
+
+
+def hub_checkpoint(size: str) -> Path:
+    """Path of the official checkpoint in the HF cache, downloading it if allowed.
+
+    Honours HF_HUB_OFFLINE and HF_HOME/HF_HUB_CACHE (huggingface_hub does). Fails with one clear
+    message saying what to download, or to pass --ckpt.
+    """
+    repo_id, filename = HUB_CHECKPOINTS[size]
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError as exc:  # pragma: no cover - export extra installs it
+        raise WeightsError("huggingface_hub is not installed; pip install 'tm-deploy[export]' or pass --ckpt") from exc
+    try:
+        return Path(hf_hub_download(repo_id=repo_id, filename=filename))
+    except Exception as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        why = "offline mode (HF_HUB_OFFLINE) and the file is not in the cache" if offline else str(exc).splitlines()[0]
+        raise WeightsError(
+            f"could not get {filename} from the Hugging Face hub ({repo_id}): {why}. "
+            f"Download https://huggingface.co/{repo_id}/blob/main/{filename} and pass --ckpt PATH, "
+            "or use --random-init --seed N for a test export."
+        ) from exc
+
+
+def load_needed(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load every key ``module`` needs from ``state``; ignore the rest (other modalities, decoder).
+
+    A needed key that is missing, or has another shape, is an error naming it.
+    """
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise WeightsError(f"{source} lacks {len(missing)} key(s) this export needs: {shown}")
+    for key, tensor in own.items():
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise WeightsError(
+                f"{source}: key {key} has shape {tuple(state[key].shape)}, the model expects {tuple(tensor.shape)} "
+                "(is it a checkpoint of another model size?)"
+            )
+    module.load_state_dict({k: state[k].to(torch.float32) for k in own}, strict=True)
+
+
+def randomize(module: nn.Module, seed: int) -> None:
+    """Seeded random values for every parameter (not buffers: positions and zero biases stay).
+
+    Norm weights are drawn around 1 and everything else around 0 with a small spread, so that
+    activations stay in a realistic range through deep stacks; nothing is left at zero, which would
+    hide wiring bugs.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            noise = torch.randn(param.shape, generator=gen)
+            if "norm" in name and name.endswith("weight"):
+                param.copy_(1.0 + 0.1 * noise)
+            else:
+                fan_in = param.shape[-1] if param.ndim > 1 else 50
+                param.copy_(noise * min(0.02, fan_in ** -0.5))

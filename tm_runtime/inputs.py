@@ -1,0 +1,79 @@
+"""Checks on user inputs: every error names the modality and what was expected against what came."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from .manifest import ModalityEntry
+from .modalities import canonical_name
+
+PATCH_SIZE = 16
+
+
+def resolve_names(inputs: Mapping[str, object], available: Mapping[str, ModalityEntry]) -> dict[str, object]:
+    """Map user spellings to the export's modality names, keeping the caller's order."""
+    if not isinstance(inputs, Mapping):
+        raise TypeError(f"inputs must be a dict of modality name -> numpy array, got {type(inputs).__name__}")
+    if len(inputs) == 0:
+        raise ValueError(f"inputs is empty: pass at least one of the exported modalities ({', '.join(available)})")
+    resolved: dict[str, object] = {}
+    for user_name, value in inputs.items():
+        try:
+            name = canonical_name(user_name)
+        except ValueError:
+            name = None
+        if name is None or name not in available:
+            raise ValueError(
+                f"unknown modality {user_name!r} for this export; exported modalities: {', '.join(available)}"
+            )
+        if name in resolved:
+            raise ValueError(f"modality {name} given twice (as {user_name!r} and another spelling)")
+        resolved[name] = value
+    return resolved
+
+
+def check_image(name: str, value: object, spec: ModalityEntry, image_size: int, check_finite: bool) -> np.ndarray:
+    """Return ``value`` as a contiguous float32 (B, C, H, W) array, or raise naming what is wrong."""
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy.ndarray, got {type(value).__name__}")
+    if not np.issubdtype(value.dtype, np.floating):
+        raise TypeError(f"{name}: expected a floating-point array (float32), got dtype {value.dtype}")
+    if value.ndim != 4:
+        raise ValueError(
+            f"{name}: expected a 4-D array (batch, {spec.num_channels}, H, W), got shape {tuple(value.shape)}"
+        )
+    batch, channels, height, width = value.shape
+    if batch < 1:
+        raise ValueError(f"{name}: batch size must be at least 1, got shape {tuple(value.shape)}")
+    if channels != spec.num_channels:
+        raise ValueError(
+            f"{name}: expected {spec.num_channels} channels ({', '.join(spec.bands)}), got {channels} "
+            f"(shape {tuple(value.shape)})"
+        )
+    if height % PATCH_SIZE or width % PATCH_SIZE:
+        raise ValueError(f"{name}: height and width must be multiples of {PATCH_SIZE}, got {height}x{width}")
+    if (height, width) != (image_size, image_size):
+        raise ValueError(
+            f"{name}: expected {image_size}x{image_size} pixels (the size this export was made for), got "
+            f"{height}x{width}; re-export with --image-size {max(height, width)} for square inputs of that size"
+        )
+    array = np.ascontiguousarray(value, dtype=np.float32)
+    if check_finite and not np.isfinite(array).all():
+        bad = int(np.size(array) - np.isfinite(array).sum())
+        raise ValueError(f"{name}: input contains {bad} NaN or Inf values (pass check_finite=False to allow)")
+    return array
+
+
+def check_same_batch(arrays: Mapping[str, np.ndarray]) -> int:
+    sizes = {name: a.shape[0] for name, a in arrays.items()}
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{n}={b}" for n, b in sizes.items())
+        raise ValueError(f"all modalities must have the same batch size, got {listed}")
+    return next(iter(sizes.values()))
+
+
+def standardize(array: np.ndarray, spec: ModalityEntry) -> np.ndarray:
+    mean = np.asarray(spec.mean, dtype=np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(spec.std, dtype=np.float32).reshape(1, -1, 1, 1)
+    return (array - mean) / std

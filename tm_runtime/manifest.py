@@ -1,0 +1,148 @@
+"""The export directory contract: ``manifest.json`` schema, loading and sha256 verification.
+
+The exporter writes it, the runtime reads it; nothing else passes between them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_NAME = "tm-deploy-export"
+FORMAT_VERSION = 1
+
+
+class ManifestError(RuntimeError):
+    """The export directory is missing, malformed, of another format version, or corrupted."""
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]  # ints are fixed, strings are symbolic dims ("batch", "num_tokens")
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "TensorSpec":
+        return cls(d["name"], d["dtype"], tuple(d["shape"]))
+
+
+@dataclass(frozen=True)
+class GraphEntry:
+    name: str
+    file: str
+    sha256: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    external_data: tuple[dict[str, str], ...] = ()
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_json(cls, name: str, d: dict[str, Any]) -> "GraphEntry":
+        return cls(
+            name=name,
+            file=d["file"],
+            sha256=d["sha256"],
+            inputs=tuple(TensorSpec.from_json(t) for t in d["inputs"]),
+            outputs=tuple(TensorSpec.from_json(t) for t in d["outputs"]),
+            external_data=tuple(d.get("external_data", ())),
+            raw=d,
+        )
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+
+@dataclass(frozen=True)
+class ModalityEntry:
+    name: str
+    key: str
+    graph: str
+    bands: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.bands)
+
+
+@dataclass
+class Manifest:
+    directory: Path
+    data: dict[str, Any]
+    graphs: dict[str, GraphEntry]
+    modalities: dict[str, ModalityEntry]
+
+    @property
+    def model(self) -> dict[str, Any]:
+        return self.data["model"]
+
+    @property
+    def image_size(self) -> int:
+        return int(self.model["image_size"])
+
+    @property
+    def random_weights(self) -> bool:
+        return bool(self.data["weights"]["random_init"])
+
+    def graph(self, name: str) -> GraphEntry:
+        try:
+            return self.graphs[name]
+        except KeyError:
+            raise ManifestError(f"graph {name!r} is not in this export ({', '.join(self.graphs)})") from None
+
+    def graph_path(self, name: str) -> Path:
+        return self.directory / self.graph(name).file
+
+    def verify(self, names: list[str] | None = None) -> None:
+        """Check every file (graph and external data) against the sha256 the manifest records."""
+        for name in names if names is not None else list(self.graphs):
+            entry = self.graph(name)
+            files = [(entry.file, entry.sha256)] + [(e["file"], e["sha256"]) for e in entry.external_data]
+            for rel, expected in files:
+                path = self.directory / rel
+                if not path.is_file():
+                    raise ManifestError(f"graph {name!r}: file {rel} is missing from {self.directory}")
+                actual = sha256_file(path)
+                if actual != expected:
+                    raise ManifestError(
+                        f"graph {name!r}: {rel} has sha256 {actual[:16]}…, manifest expects {expected[:16]}… "
+                        "(the file was modified or truncated; re-export)"
+                    )
+
+
+def load_manifest(export_dir: str | Path) -> Manifest:
+    directory = Path(export_dir)
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(f"{directory} is not a tm-deploy export: {MANIFEST_NAME} not found")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{path} is not valid JSON: {exc}") from exc
+    if data.get("format") != FORMAT_NAME:
+        raise ManifestError(f"{path}: format {data.get('format')!r} is not {FORMAT_NAME!r}")
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ManifestError(
+            f"{path}: format version {version} is not supported by this runtime (it reads {FORMAT_VERSION})"
+        )
+    graphs = {name: GraphEntry.from_json(name, g) for name, g in data["graphs"].items()}
+    modalities = {
+        name: ModalityEntry(name, m["key"], m["graph"], tuple(m["bands"]), tuple(m["mean"]), tuple(m["std"]))
+        for name, m in data["modalities"].items()
+    }
+    return Manifest(directory, data, graphs, modalities)

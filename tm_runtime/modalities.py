@@ -1,0 +1,81 @@
+"""The modality table: user names, internal checkpoint keys, channels, band names, statistics.
+
+Pure data and lookups, shared by the exporter and the runtime (so it must stay numpy-only).
+Statistics are TerraMind v1's pretraining mean/std, applied as ``(x - mean) / std``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+S2L2A_BANDS = (
+    "COASTAL_AEROSOL", "BLUE", "GREEN", "RED", "RED_EDGE_1", "RED_EDGE_2", "RED_EDGE_3",
+    "NIR_BROAD", "NIR_NARROW", "WATER_VAPOR", "SWIR_1", "SWIR_2",
+)
+# S2L1C keeps the cirrus band (B10), which atmospheric correction removes from L2A.
+S2L1C_BANDS = S2L2A_BANDS[:10] + ("CIRRUS",) + S2L2A_BANDS[10:]
+
+
+@dataclass(frozen=True)
+class Modality:
+    """One raw image modality as the encoder sees it."""
+
+    name: str  # the user-facing name, terratorch's spelling
+    key: str  # the internal key used in the checkpoint (``encoder_embeddings.<key>.*``)
+    bands: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.bands)
+
+
+RAW_MODALITIES: dict[str, Modality] = {
+    m.name: m
+    for m in (
+        Modality(
+            "S2L2A", "untok_sen2l2a@224", S2L2A_BANDS,
+            (1390.458, 1503.317, 1718.197, 1853.91, 2199.1, 2779.975, 2987.011, 3083.234,
+             3132.22, 3162.988, 2424.884, 1857.648),
+            (2106.761, 2141.107, 2038.973, 2134.138, 2085.321, 1889.926, 1820.257, 1871.918,
+             1753.829, 1797.379, 1434.261, 1334.311),
+        ),
+        Modality(
+            "S2L1C", "untok_sen2l1c@224", S2L1C_BANDS,
+            (2357.089, 2137.385, 2018.788, 2082.986, 2295.651, 2854.537, 3122.849, 3040.56,
+             3306.481, 1473.847, 506.07, 2472.825, 1838.929),
+            (1624.683, 1675.806, 1557.708, 1833.702, 1823.738, 1733.977, 1732.131, 1679.732,
+             1727.26, 1024.687, 442.165, 1331.411, 1160.419),
+        ),
+        Modality("RGB", "untok_sen2rgb@224", ("RED", "GREEN", "BLUE"),
+                 (87.271, 80.931, 66.667), (58.767, 47.663, 42.631)),
+        Modality("S1GRD", "untok_sen1grd@224", ("VV", "VH"), (-12.599, -20.293), (5.195, 5.890)),
+        Modality("S1RTC", "untok_sen1rtc@224", ("VV", "VH"), (-10.93, -17.329), (4.391, 4.459)),
+        Modality("DEM", "untok_dem@224", ("DEM",), (670.665,), (951.272,)),
+    )
+}
+
+# Spellings terratorch accepts for the same modality (it lower-cases and matches substrings).
+_ALIASES = {
+    "s2l2a": "S2L2A", "sen2l2a": "S2L2A", "untok_sen2l2a@224": "S2L2A",
+    "s2l1c": "S2L1C", "sen2l1c": "S2L1C", "untok_sen2l1c@224": "S2L1C",
+    "rgb": "RGB", "s2rgb": "RGB", "sen2rgb": "RGB", "untok_sen2rgb@224": "RGB",
+    "s1grd": "S1GRD", "sen1grd": "S1GRD", "untok_sen1grd@224": "S1GRD",
+    "s1rtc": "S1RTC", "sen1rtc": "S1RTC", "untok_sen1rtc@224": "S1RTC",
+    "dem": "DEM", "untok_dem@224": "DEM",
+}
+
+
+def canonical_name(name: str) -> str:
+    """Map a user spelling (``s2l2a``, ``S2RGB``, ``untok_dem@224``) to the canonical name."""
+    if not isinstance(name, str):
+        raise TypeError(f"modality names must be strings, got {type(name).__name__}")
+    try:
+        return _ALIASES[name.lower()]
+    except KeyError:
+        known = ", ".join(RAW_MODALITIES)
+        raise ValueError(f"unknown modality {name!r}; known raw image modalities: {known}") from None
+
+
+def get_modality(name: str) -> Modality:
+    return RAW_MODALITIES[canonical_name(name)]
