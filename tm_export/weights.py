@@ -69,16 +69,17 @@ def load_needed(module: nn.Module, state: dict[str, torch.Tensor], source: str) 
     A needed key that is missing, or has another shape, is an error naming it.
     """
     own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise WeightsError(f"{source} lacks {len(missing)} key(s) this export needs: {shown}")
+    # Shapes first: a wrong model size shows up as a mismatch, which says more than missing keys.
     for key, tensor in own.items():
-        if tuple(state[key].shape) != tuple(tensor.shape):
+        if key in state and tuple(state[key].shape) != tuple(tensor.shape):
             raise WeightsError(
                 f"{source}: key {key} has shape {tuple(state[key].shape)}, the model expects {tuple(tensor.shape)} "
                 "(is it a checkpoint of another model size?)"
             )
+    missing = [k for k in own if k not in state]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise WeightsError(f"{source} lacks {len(missing)} key(s) this export needs: {shown}")
     module.load_state_dict({k: state[k].to(torch.float32) for k in own}, strict=True)
 
 

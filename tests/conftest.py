@@ -1,0 +1,36 @@
+"""Shared fixtures: one tiny random-init export per test session (a few seconds)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+TINY_MODALITIES = ["S2L2A", "S1GRD", "DEM"]
+DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "terramesh_examples"
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory) -> Path:
+    from tm_export.export import ExportConfig, export
+
+    out = tmp_path_factory.mktemp("exports") / "tiny"
+    export(ExportConfig(size="tiny", modalities=TINY_MODALITIES, out=out, random_init=True, seed=7), log=lambda s: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_reference():
+    from tm_export.export import ExportConfig, build_reference
+
+    model, _ = build_reference(ExportConfig(size="tiny", modalities=TINY_MODALITIES, out=Path("unused"),
+                                            random_init=True, seed=7), log=lambda s: None)
+    return model
+
+
+def random_inputs(batch: int = 2, seed: int = 0, modalities=TINY_MODALITIES) -> dict[str, np.ndarray]:
+    from tm_runtime.modalities import get_modality
+
+    rng = np.random.default_rng(seed)
+    return {m: rng.standard_normal((batch, get_modality(m).num_channels, 224, 224)).astype(np.float32)
+            for m in modalities}
