@@ -18,6 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, choices=list(VARIANTS), help="TerraMind v1 size")
     p.add_argument("--modalities", required=True, nargs="+", metavar="MOD",
                    help=f"input modalities to export ({', '.join(RAW_MODALITIES)})")
+    p.add_argument("--output-modalities", nargs="+", default=[], metavar="MOD",
+                   help="generation targets: decoder graphs for S2L2A S1GRD S1RTC DEM NDVI LULC")
     p.add_argument("--out", required=True, type=Path, help="export directory (written atomically)")
     w = p.add_mutually_exclusive_group()
     w.add_argument("--ckpt", type=Path, help="TerraMind_v1_<size>.pt (or .safetensors); default: the HF hub")
@@ -38,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = ExportConfig(
-            size=args.model, modalities=args.modalities, out=args.out, ckpt=args.ckpt,
+            size=args.model, modalities=args.modalities, out=args.out, output_modalities=args.output_modalities, ckpt=args.ckpt,
             random_init=args.random_init, seed=args.seed, bands=parse_bands(args.bands),
             image_size=args.image_size, opset=args.opset, simplify=not args.no_simplify,
             validate=not args.no_validate, max_rel_error=args.rtol, overwrite=args.overwrite,

@@ -17,12 +17,12 @@ import onnx
 import torch
 
 from tm_runtime.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, sha256_file
-from tm_runtime.modalities import get_modality
+from tm_runtime.modalities import get_modality, get_target
 
 from . import weights as W
 from .bands import select_bands
 from .graphs import GraphSpec, all_specs
-from .reference.terramind import TerraMindEncoderModel, get_variant
+from .reference.terramind import TerraMindModel, get_variant
 from .validate import summarize, validate_graph
 
 # Protobuf cannot serialise a single message over 2 GiB; stay clear of it.
@@ -42,6 +42,7 @@ class ExportConfig:
     size: str
     modalities: list[str]
     out: Path
+    output_modalities: list[str] = field(default_factory=list)
     ckpt: Path | None = None
     random_init: bool = False
     seed: int = 0
@@ -72,7 +73,7 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def build_reference(config: ExportConfig, log: Callable[[str], None] = print) -> tuple[TerraMindEncoderModel, dict]:
+def build_reference(config: ExportConfig, log: Callable[[str], None] = print) -> tuple[TerraMindModel, dict]:
     """The reference model with its weights, and the manifest's description of where they came from."""
     variant = get_variant(config.size)
     if config.image_size % 16 or config.image_size < 16:
@@ -80,7 +81,10 @@ def build_reference(config: ExportConfig, log: Callable[[str], None] = print) ->
     names = [get_modality(m).name for m in config.modalities]
     if len(set(names)) != len(names):
         raise ExportError(f"a modality is listed twice: {config.modalities}")
-    model = TerraMindEncoderModel(variant, names, image_size=config.image_size)
+    targets = [get_target(t).name for t in config.output_modalities]
+    if len(set(targets)) != len(targets):
+        raise ExportError(f"an output modality is listed twice: {config.output_modalities}")
+    model = TerraMindModel(variant, names, targets, image_size=config.image_size)
     if config.random_init:
         W.randomize(model, config.seed)
         info = {"random_init": True, "seed": config.seed, "source": "random-init"}
@@ -112,6 +116,19 @@ def _trace(spec: GraphSpec, path: Path, opset: int) -> None:
             output_names=[d.name for d in spec.outputs], dynamic_axes=axes, opset_version=opset,
             do_constant_folding=True, dynamo=False,
         )
+
+
+def name_outputs(spec: GraphSpec, model: onnx.ModelProto) -> None:
+    """Give every graph output its declared name.
+
+    The exporter folds a constant output (e.g. the batch-independent ``emb`` table) into an
+    initializer and names it after the folded node; an Identity restores the contract's name.
+    """
+    for value, decl in zip(model.graph.output, spec.outputs):
+        if value.name != decl.name:
+            model.graph.node.append(onnx.helper.make_node("Identity", [value.name], [decl.name],
+                                                          name=f"name_{decl.name}"))
+            value.name = decl.name
 
 
 def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -151,6 +168,7 @@ def export_graph(spec: GraphSpec, workdir: Path, config: ExportConfig, log: Call
     raw = workdir / f".{spec.name}.raw.onnx"
     _trace(spec, raw, config.opset)
     model = onnx.load(str(raw))
+    name_outputs(spec, model)
     simplified = False
     if config.simplify:
         try:
@@ -183,7 +201,7 @@ def export_graph(spec: GraphSpec, workdir: Path, config: ExportConfig, log: Call
     return entry
 
 
-def _manifest(config: ExportConfig, model: TerraMindEncoderModel, weights: dict, graphs: dict) -> dict:
+def _manifest(config: ExportConfig, model: TerraMindModel, weights: dict, graphs: dict) -> dict:
     variant = model.variant
     modalities = {}
     for name in model.names:
@@ -192,15 +210,23 @@ def _manifest(config: ExportConfig, model: TerraMindEncoderModel, weights: dict,
         idx = [mod.bands.index(b) for b in bands]
         modalities[name] = {"key": mod.key, "graph": f"embed_{name}", "channels": len(bands), "bands": bands,
                             "mean": [mod.mean[i] for i in idx], "std": [mod.std[i] for i in idx]}
+    targets = {}
+    for name in model.targets:
+        t = get_target(name)
+        targets[name] = {"key": t.key, "graph": f"decoder_{name}", "vocab_size": t.vocab_size,
+                         "fsq_levels": list(t.fsq_levels), "tokenizer_decoder": t.decoder,
+                         "channels": t.num_channels, "mean": list(t.mean), "std": list(t.std)}
     validated = [g["validation"] for g in graphs.values() if "validation" in g]
     return {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
         "model": {"name": f"terramind_v1_{variant.name}", "size": variant.name, "dim": variant.dim,
                   "num_heads": variant.num_heads, "encoder_depth": variant.encoder_depth,
+                  "decoder_depth": variant.decoder_depth,
                   "mlp": "swiglu" if variant.gated_mlp else "gelu", "patch_size": 16,
                   "image_size": config.image_size, "tokens_per_modality": (config.image_size // 16) ** 2},
         "weights": weights,
         "modalities": modalities,
+        "targets": targets,
         "encoder": {"graph": "encoder", "outputs": [o["name"] for o in graphs["encoder"]["outputs"]],
                     "last_output_normed": True},
         "graphs": graphs,

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .reference.terramind import TerraMindEncoderModel
+from .reference.terramind import TerraMindModel
 
 BATCH = "batch"
 NUM_TOKENS = "num_tokens"
@@ -45,16 +45,38 @@ class GraphSpec:
 
 
 class PatchEmbedGraph(nn.Module):
-    def __init__(self, model: TerraMindEncoderModel, name: str) -> None:
+    """image -> (tokens = patches + pos + modality embedding, emb = pos + modality embedding).
+
+    ``emb`` is batch-independent (1, N, D); the decoder adds it to the projected context.
+    """
+
+    def __init__(self, model: TerraMindModel, name: str) -> None:
         super().__init__()
         self.embedding = model.embedding(name)
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.embedding(image)
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        emb = self.embedding.position_embedding(image)
+        return self.embedding.patch_tokens(image) + emb, emb
+
+
+class DecoderGraph(nn.Module):
+    """(normed last encoder layer, inputs' pos + modality embeddings) -> one target's logits.
+
+    The context projection lives here (not in the encoder graph) so that an embedding-only
+    user never pays for it; it is a single D x D Linear per decoder graph.
+    """
+
+    def __init__(self, model: TerraMindModel, target: str) -> None:
+        super().__init__()
+        self.model = model
+        self.target = target
+
+    def forward(self, encoder_output: torch.Tensor, context_emb: torch.Tensor) -> torch.Tensor:
+        return self.model.target_logits(encoder_output, context_emb, self.target)
 
 
 class EncoderGraph(nn.Module):
-    def __init__(self, model: TerraMindEncoderModel) -> None:
+    def __init__(self, model: TerraMindModel) -> None:
         super().__init__()
         self.body = model.body
 
@@ -66,7 +88,7 @@ def embed_graph_name(modality: str) -> str:
     return f"embed_{modality}"
 
 
-def embedding_specs(model: TerraMindEncoderModel) -> list[GraphSpec]:
+def embedding_specs(model: TerraMindModel) -> list[GraphSpec]:
     size, dim = model.image_size, model.variant.dim
     tokens = (size // 16) ** 2
     specs = []
@@ -80,14 +102,15 @@ def embedding_specs(model: TerraMindEncoderModel) -> list[GraphSpec]:
             name=embed_graph_name(name),
             module=PatchEmbedGraph(model, name),
             inputs=[TensorDecl("image", "float32", (BATCH, channels, size, size))],
-            outputs=[TensorDecl("tokens", "float32", (BATCH, tokens, dim))],
+            outputs=[TensorDecl("tokens", "float32", (BATCH, tokens, dim)),
+                     TensorDecl("emb", "float32", (1, tokens, dim))],
             sample=sample,
             extra={"modality": name},
         ))
     return specs
 
 
-def encoder_spec(model: TerraMindEncoderModel) -> GraphSpec:
+def encoder_spec(model: TerraMindModel) -> GraphSpec:
     dim, depth = model.variant.dim, model.variant.encoder_depth
     tokens = (model.image_size // 16) ** 2
     num_modalities = len(model.names)
@@ -105,5 +128,33 @@ def encoder_spec(model: TerraMindEncoderModel) -> GraphSpec:
     )
 
 
-def all_specs(model: TerraMindEncoderModel) -> list[GraphSpec]:
-    return embedding_specs(model) + [encoder_spec(model)]
+def decoder_graph_name(target: str) -> str:
+    return f"decoder_{target}"
+
+
+def decoder_specs(model: TerraMindModel) -> list[GraphSpec]:
+    dim = model.variant.dim
+    tokens = model.grid ** 2
+    num_modalities = len(model.names)
+    specs = []
+    for target in model.targets:
+        vocab = model.decoder_embedding(target).vocab_size
+
+        def sample(batch: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+            n = tokens * num_modalities
+            return torch.randn(batch, n, dim, generator=gen), torch.randn(1, n, dim, generator=gen)
+
+        specs.append(GraphSpec(
+            name=decoder_graph_name(target),
+            module=DecoderGraph(model, target),
+            inputs=[TensorDecl("encoder_output", "float32", (BATCH, NUM_TOKENS, dim)),
+                    TensorDecl("context_emb", "float32", (1, NUM_TOKENS, dim))],
+            outputs=[TensorDecl("logits", "float32", (BATCH, tokens, vocab))],
+            sample=sample,
+            extra={"target": target, "vocab_size": vocab},
+        ))
+    return specs
+
+
+def all_specs(model: TerraMindModel) -> list[GraphSpec]:
+    return embedding_specs(model) + [encoder_spec(model)] + decoder_specs(model)

@@ -79,12 +79,33 @@ class ModalityEntry:
         return len(self.bands)
 
 
+@dataclass(frozen=True)
+class TargetEntry:
+    """A generation target: its decoder graph, vocabulary, FSQ levels and output statistics."""
+
+    name: str
+    key: str
+    graph: str
+    vocab_size: int
+    fsq_levels: tuple[int, ...]
+    tokenizer_decoder: str
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def from_json(cls, name: str, d: dict[str, Any]) -> "TargetEntry":
+        return cls(name, d["key"], d["graph"], int(d["vocab_size"]), tuple(d["fsq_levels"]),
+                   d["tokenizer_decoder"], int(d["channels"]), tuple(d["mean"]), tuple(d["std"]))
+
+
 @dataclass
 class Manifest:
     directory: Path
     data: dict[str, Any]
     graphs: dict[str, GraphEntry]
     modalities: dict[str, ModalityEntry]
+    targets: dict[str, TargetEntry] = field(default_factory=dict)
 
     @property
     def model(self) -> dict[str, Any]:
@@ -145,4 +166,5 @@ def load_manifest(export_dir: str | Path) -> Manifest:
         name: ModalityEntry(name, m["key"], m["graph"], tuple(m["bands"]), tuple(m["mean"]), tuple(m["std"]))
         for name, m in data["modalities"].items()
     }
-    return Manifest(directory, data, graphs, modalities)
+    targets = {name: TargetEntry.from_json(name, t) for name, t in data.get("targets", {}).items()}
+    return Manifest(directory, data, graphs, modalities, targets)

@@ -79,3 +79,58 @@ def canonical_name(name: str) -> str:
 
 def get_modality(name: str) -> Modality:
     return RAW_MODALITIES[canonical_name(name)]
+
+
+# ---- generation targets (decoder heads; their tokens decode through the modality's tokenizer) ----
+IMAGE_FSQ_LEVELS = (8, 8, 8, 6, 5)  # vocabulary 15360
+LULC_FSQ_LEVELS = (7, 5, 5, 5, 5)  # vocabulary 4375
+
+
+@dataclass(frozen=True)
+class Target:
+    """A modality TerraMind can generate: its decoder key, tokenizer and output statistics."""
+
+    name: str
+    key: str  # ``decoder_embeddings.<key>.*`` and the tokenizer's internal name
+    num_channels: int
+    fsq_levels: tuple[int, ...]
+    decoder: str  # "diffusion" (FSQ-VAE with a UNet decoder) or "vit" (LULC: one pass, class logits)
+    mean: tuple[float, ...]  # outputs are de-standardised with these (tok_* statistics)
+    std: tuple[float, ...]
+
+    @property
+    def vocab_size(self) -> int:
+        size = 1
+        for level in self.fsq_levels:
+            size *= level
+        return size
+
+
+TARGETS: dict[str, Target] = {
+    t.name: t
+    for t in (
+        Target("S2L2A", "tok_sen2l2a@224", 12, IMAGE_FSQ_LEVELS, "diffusion",
+               RAW_MODALITIES["S2L2A"].mean, RAW_MODALITIES["S2L2A"].std),
+        Target("S1GRD", "tok_sen1grd@224", 2, IMAGE_FSQ_LEVELS, "diffusion",
+               RAW_MODALITIES["S1GRD"].mean, RAW_MODALITIES["S1GRD"].std),
+        Target("S1RTC", "tok_sen1rtc@224", 2, IMAGE_FSQ_LEVELS, "diffusion",
+               RAW_MODALITIES["S1RTC"].mean, RAW_MODALITIES["S1RTC"].std),
+        Target("DEM", "tok_dem@224", 1, IMAGE_FSQ_LEVELS, "diffusion",
+               RAW_MODALITIES["DEM"].mean, RAW_MODALITIES["DEM"].std),
+        Target("NDVI", "tok_ndvi@224", 1, IMAGE_FSQ_LEVELS, "diffusion", (0.327,), (0.322,)),
+        Target("LULC", "tok_lulc@224", 10, LULC_FSQ_LEVELS, "vit", (0.0,) * 10, (1.0,) * 10),
+    )
+}
+
+_TARGET_ALIASES = {"s2l2a": "S2L2A", "s2": "S2L2A", "s2l1c": "S2L2A", "s2rgb": "S2L2A", "sen2l2a": "S2L2A",
+                   "s1grd": "S1GRD", "s1": "S1GRD", "s1rtc": "S1RTC", "dem": "DEM", "ndvi": "NDVI", "lulc": "LULC"}
+
+
+def get_target(name: str) -> Target:
+    """Output modality by user name; like upstream, any Sentinel-2 spelling generates S2L2A tokens."""
+    if not isinstance(name, str):
+        raise TypeError(f"output modality names must be strings, got {type(name).__name__}")
+    key = _TARGET_ALIASES.get(name.lower())
+    if key is None:
+        raise ValueError(f"unknown output modality {name!r}; TerraMind generates {', '.join(TARGETS)}")
+    return TARGETS[key]

@@ -70,12 +70,55 @@ class TerraMindRuntime:
     def patch_embed(self, name: str, image: np.ndarray) -> np.ndarray:
         """One modality's patch-embedding graph: (B, C, H, W) -> (B, N, D) with positions added."""
         graph = self.manifest.modalities[name].graph
-        return self.backend.run(graph, {"image": image})[0]
+        return self.backend.run(graph, {"image": image}, ["tokens"])[0]
+
+    def _embed_with_context(self, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Concatenated tokens (B, N, D) and the inputs' pos + modality embeddings (1, N, D)."""
+        tokens, embs = [], []
+        for name, image in arrays.items():
+            t, e = self.backend.run(self.manifest.modalities[name].graph, {"image": image}, ["tokens", "emb"])
+            tokens.append(t)
+            embs.append(e)
+        return np.concatenate(tokens, axis=1), np.concatenate(embs, axis=1)
 
     def encode(self, tokens: np.ndarray, layers: list[int]) -> list[np.ndarray]:
         """The encoder graph on concatenated tokens (B, N, D); returns the requested layers."""
         outputs = self._encoder["outputs"]
         return self.backend.run(self._encoder["graph"], {"tokens": tokens}, [outputs[i] for i in layers])
+
+    # -- decoding ---------------------------------------------------------------------------
+    @property
+    def output_modalities(self) -> list[str]:
+        return list(self.manifest.targets)
+
+    def _target(self, modality: str):
+        from .modalities import get_target
+
+        name = get_target(modality).name  # raises for names TerraMind cannot generate
+        if name not in self.manifest.targets:
+            exported = ", ".join(self.manifest.targets) or "none"
+            raise ValueError(f"output modality {name} was not exported (exported targets: {exported}); "
+                             f"re-export with --output-modalities {name}")
+        return self.manifest.targets[name]
+
+    def encode_context(self, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Run the encoder once: (normed last layer (B, N, D), context embeddings (1, N, D))."""
+        tokens, emb = self._embed_with_context(arrays)
+        return self.encode(tokens, [self.num_layers - 1])[0], emb
+
+    def decoder_logits(self, modality: str, encoder_output: np.ndarray, context_emb: np.ndarray) -> np.ndarray:
+        target = self._target(modality)
+        feeds = {"encoder_output": encoder_output, "context_emb": context_emb}
+        return self.backend.run(target.graph, feeds, ["logits"])[0]
+
+    def logits(self, inputs: Mapping[str, np.ndarray], modality: str, standardize: bool = False,
+               check_finite: bool = True) -> np.ndarray:
+        """The decoder's logits (B, N, V) for one output modality, in position order (row-major
+        over the token grid), for custom sampling or uncertainty maps."""
+        target = self._target(modality)
+        arrays = self.prepare(inputs, standardize=standardize, check_finite=check_finite)
+        encoded, emb = self.encode_context(arrays)
+        return self.decoder_logits(target.name, encoded, emb)
 
     def _layer_indices(self, layers: Layers) -> tuple[list[int], bool]:
         """Normalise ``layers`` to indices; the flag says whether to return a single item."""

@@ -60,11 +60,19 @@ class ImageEncoderEmbedding(nn.Module):
         w = self.proj.weight.reshape(self.dim, PATCH_SIZE, PATCH_SIZE, self.num_channels)
         return w.permute(0, 3, 1, 2)
 
+    def position_embedding(self, image: torch.Tensor) -> torch.Tensor:
+        """pos + modality embedding for an image of this size, (1, H/16*W/16, D).
+
+        Spatial size is static per export, so the table becomes a constant in the graph.
+        """
+        grid_h, grid_w = int(image.shape[-2]) // PATCH_SIZE, int(image.shape[-1]) // PATCH_SIZE
+        return resize_positions(self.pos_emb, grid_h, grid_w) + self.mod_emb
+
+    def patch_tokens(self, image: torch.Tensor) -> torch.Tensor:
+        """image (B, C, H, W) -> patch projections (B, H/16*W/16, D)."""
+        # A stride-16 convolution is the patchify+Linear in one op that every runtime fuses well.
+        return F.conv2d(image, self.conv_weight(), stride=PATCH_SIZE).flatten(2).transpose(1, 2)
+
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """image (B, C, H, W) -> tokens + positional + modality embedding (B, H/16*W/16, D)."""
-        # Spatial size is static per export, so these become constants in the graph.
-        grid_h, grid_w = int(image.shape[-2]) // PATCH_SIZE, int(image.shape[-1]) // PATCH_SIZE
-        # A stride-16 convolution is the patchify+Linear in one op that every runtime fuses well.
-        x = F.conv2d(image, self.conv_weight(), stride=PATCH_SIZE)
-        x = x.flatten(2).transpose(1, 2)
-        return x + (resize_positions(self.pos_emb, grid_h, grid_w) + self.mod_emb)
+        return self.patch_tokens(image) + self.position_embedding(image)

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tm_runtime.modalities import get_modality
+from tm_runtime.modalities import get_modality, get_target
 
+from .decoder import ImageTokenDecoderEmbedding, build_decoder_blocks, build_decoder_norm, decode_logits
 from .embeddings import ImageEncoderEmbedding
 from .layers import Block, LayerNorm
 
@@ -72,23 +73,28 @@ class Encoder(nn.Module):
         return outputs
 
 
-class TerraMindEncoderModel(nn.Module):
-    """Encoder embeddings for the given raw modalities + the encoder, checkpoint key space.
+class TerraMindModel(nn.Module):
+    """The parts of the enc-dec model an export needs, in the checkpoint key space.
 
-    ``channels`` overrides a modality's channel count (band subsets); ``image_size`` is the size
-    the exported graphs take (positions are resized bicubically from the 224 table as upstream).
+    Encoder embeddings for the raw input ``modalities``, the encoder and its norm; with
+    ``targets``, also ``decoder_proj_context``, ``decoder``, ``decoder_norm``, ``mask_token`` and
+    the targets' ``decoder_embeddings``. ``channels`` overrides a modality's channel count (band
+    subsets); ``image_size`` is the size the exported graphs take (positions are resized
+    bicubically from the 224 tables, as upstream does for other sizes).
     """
 
     def __init__(
         self,
         variant: Variant,
         modalities: list[str],
+        targets: list[str] | None = None,
         channels: dict[str, int] | None = None,
         image_size: int = 224,
     ) -> None:
         super().__init__()
         self.variant = variant
         self.image_size = image_size
+        self.grid = image_size // 16
         channels = channels or {}
         self.encoder_embeddings = nn.ModuleDict()
         self.names: dict[str, str] = {}  # user name -> checkpoint key
@@ -102,6 +108,17 @@ class TerraMindEncoderModel(nn.Module):
         self.encoder = body.encoder
         self.encoder_norm = body.encoder_norm
         self._body = [body]  # not a submodule: keeps the key space flat
+        self.targets: dict[str, str] = {}  # user name -> checkpoint key
+        if targets:
+            self.decoder_proj_context = nn.Linear(variant.dim, variant.dim, bias=True)
+            self.decoder = build_decoder_blocks(variant)
+            self.decoder_norm = build_decoder_norm(variant)
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, variant.dim))
+            self.decoder_embeddings = nn.ModuleDict()
+            for name in targets:
+                target = get_target(name)
+                self.decoder_embeddings[target.key] = ImageTokenDecoderEmbedding(target.vocab_size, variant.dim, 224)
+                self.targets[target.name] = target.key
 
     @property
     def body(self) -> Encoder:
@@ -110,6 +127,9 @@ class TerraMindEncoderModel(nn.Module):
     def embedding(self, name: str) -> ImageEncoderEmbedding:
         return self.encoder_embeddings[self.names[name]]
 
+    def decoder_embedding(self, name: str) -> ImageTokenDecoderEmbedding:
+        return self.decoder_embeddings[self.targets[name]]
+
     def encode(self, tokens: torch.Tensor) -> list[torch.Tensor]:
         return self.body(tokens)
 
@@ -117,3 +137,17 @@ class TerraMindEncoderModel(nn.Module):
         """Eager reference of the whole embedding path (concatenation in dict order)."""
         tokens = torch.cat([self.embedding(name)(img) for name, img in images.items()], dim=1)
         return self.encode(tokens)
+
+    def logits(self, images: dict[str, torch.Tensor], target: str) -> torch.Tensor:
+        """Eager reference of one target's decoder logits (B, grid*grid, V)."""
+        encoded = self.forward(images)[-1]
+        emb = torch.cat([self.embedding(n).position_embedding(img) for n, img in images.items()], dim=1)
+        return self.target_logits(encoded, emb, target)
+
+    def target_logits(self, encoder_output: torch.Tensor, context_emb: torch.Tensor, target: str) -> torch.Tensor:
+        return decode_logits(self.decoder, self.decoder_norm, self.decoder_proj_context, self.mask_token,
+                             self.decoder_embedding(target), encoder_output, context_emb, self.grid)
+
+
+# The encoder-only model is the same class without targets.
+TerraMindEncoderModel = TerraMindModel
