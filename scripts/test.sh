@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Install everything the tests need (terratorch included, for parity) and run them all.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+$PY -m pip install --quiet -e ".[export,bench,dev,parity]"
+# Parity tests skip without terratorch; here they must run, so fail loudly if it cannot import.
+$PY -c "import terratorch, tifffile; print('terratorch', terratorch.__version__)"
+# pytest exits 5 when it collected no test: with `set -e` that fails the run, as it should.
+exec $PY -m pytest -q -rs --durations=15 "$@"
