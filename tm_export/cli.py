@@ -13,6 +13,19 @@ from .reference.terramind import VARIANTS
 from .weights import WeightsError
 
 
+def parse_paths(items: list[str]) -> dict[str, Path]:
+    """``["LULC=/x/TerraMind_Tokenizer_LULC.pt"]`` -> ``{"LULC": Path(...)}``."""
+    from tm_runtime.modalities import get_target
+
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not path:
+            raise ValueError(f"--tokenizer-ckpt takes MODALITY=PATH, got {item!r}")
+        out[get_target(name.strip()).name] = Path(path)
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tm-export", description=__doc__)
     p.add_argument("--model", required=True, choices=list(VARIANTS), help="TerraMind v1 size")
@@ -20,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"input modalities to export ({', '.join(RAW_MODALITIES)})")
     p.add_argument("--output-modalities", nargs="+", default=[], metavar="MOD",
                    help="generation targets: decoder graphs for S2L2A S1GRD S1RTC DEM NDVI LULC")
+    p.add_argument("--tokenizer-ckpt", nargs="+", default=[], metavar="MOD=PATH",
+                   help="tokenizer weights (TerraMind_Tokenizer_<MOD>.pt) per output modality; default: the HF hub")
+    p.add_argument("--small-tokenizers", action="store_true",
+                   help="with --random-init: shrunken tokenizer architectures (fast tests and demos)")
     p.add_argument("--out", required=True, type=Path, help="export directory (written atomically)")
     w = p.add_mutually_exclusive_group()
     w.add_argument("--ckpt", type=Path, help="TerraMind_v1_<size>.pt (or .safetensors); default: the HF hub")
@@ -40,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = ExportConfig(
-            size=args.model, modalities=args.modalities, out=args.out, output_modalities=args.output_modalities, ckpt=args.ckpt,
+            size=args.model, modalities=args.modalities, out=args.out, output_modalities=args.output_modalities,
+            tokenizer_ckpts=parse_paths(args.tokenizer_ckpt),
+            tokenizer_size="small" if args.small_tokenizers else "official", ckpt=args.ckpt,
             random_init=args.random_init, seed=args.seed, bands=parse_bands(args.bands),
             image_size=args.image_size, opset=args.opset, simplify=not args.no_simplify,
             validate=not args.no_validate, max_rel_error=args.rtol, overwrite=args.overwrite,

@@ -23,6 +23,14 @@ from . import weights as W
 from .bands import select_bands
 from .graphs import GraphSpec, all_specs
 from .reference.terramind import TerraMindModel, get_variant
+from .reference.tokenizers import Tokenizer, build_tokenizer, load_tokenizer, tokenizer_config
+from .tokenizer_graphs import tokenizer_specs
+
+# A shrunken tokenizer architecture for tests and demos with random weights.
+SMALL_TOKENIZER = {"encoder": {"dim": 64, "depth": 2, "num_heads": 4},
+                   "vit_decoder": {"dim": 64, "depth": 2, "num_heads": 4},
+                   "unet": {"model_channels": 32, "channel_mult": (1, 2, 2), "num_res_blocks": 1,
+                            "attention_resolutions": (2, 4)}}
 from .validate import summarize, validate_graph
 
 # Protobuf cannot serialise a single message over 2 GiB; stay clear of it.
@@ -43,6 +51,9 @@ class ExportConfig:
     modalities: list[str]
     out: Path
     output_modalities: list[str] = field(default_factory=list)
+    tokenizer_ckpts: dict[str, Path] = field(default_factory=dict)
+    # "official" (the checkpoints' architecture) or "small" (random-init only: fast tests/demos)
+    tokenizer_size: str = "official"
     ckpt: Path | None = None
     random_init: bool = False
     seed: int = 0
@@ -103,6 +114,38 @@ def build_reference(config: ExportConfig, log: Callable[[str], None] = print) ->
             raise ExportError(f"--bands names {name}, which is not among --modalities {' '.join(names)}")
         select_bands(model.embedding(name), get_modality(name).bands, chosen)
     return model.eval(), info
+
+
+def build_tokenizers(config: ExportConfig, targets: list[str],
+                     log: Callable[[str], None] = print) -> tuple[dict[str, Tokenizer], dict]:
+    """The tokenizer of every target: from --tokenizer-ckpt, the HF hub, or random (with --random-init)."""
+    if config.tokenizer_size not in ("official", "small"):
+        raise ExportError(f"tokenizer size must be 'official' or 'small', got {config.tokenizer_size!r}")
+    if config.tokenizer_size == "small" and not config.random_init:
+        raise ExportError("small tokenizers exist only with --random-init (no checkpoint has that shape)")
+    unknown = sorted(set(config.tokenizer_ckpts) - set(targets))
+    if unknown:
+        raise ExportError(f"--tokenizer-ckpt names {', '.join(unknown)}, not among --output-modalities")
+    tokenizers, info = {}, {}
+    for i, name in enumerate(targets):
+        changes = SMALL_TOKENIZER if config.tokenizer_size == "small" else {}
+        cfg = tokenizer_config(name, image_size=config.image_size, **changes)
+        path = config.tokenizer_ckpts.get(name)
+        if path is None and config.random_init:
+            tok = build_tokenizer(cfg)
+            state = W.random_state(tok.state_dict(), seed=config.seed * 1000 + 17 * (i + 1))
+            tokenizers[name] = load_tokenizer(name, state, cfg)
+            info[name] = {"random_init": True, "size": config.tokenizer_size}
+            continue
+        source = "file" if path else "huggingface_hub"
+        path = Path(path) if path else W.hub_tokenizer(name)
+        log(f"tokenizer {name}: {path}")
+        try:
+            tokenizers[name] = load_tokenizer(name, W.read_state_dict(path), cfg)
+        except ValueError as exc:
+            raise W.WeightsError(f"{path}: {exc}") from exc
+        info[name] = {"random_init": False, "source": source, "file": path.name, "sha256": sha256_file(path)}
+    return {k: t.eval() for k, t in tokenizers.items()}, info
 
 
 def _trace(spec: GraphSpec, path: Path, opset: int) -> None:
@@ -191,17 +234,22 @@ def export_graph(spec: GraphSpec, workdir: Path, config: ExportConfig, log: Call
     msg = f"exported in {time.perf_counter() - start:.1f}s"
     if config.validate:
         t0 = time.perf_counter()
-        result = summarize(validate_graph(spec, str(path)))
-        result["passed"] = result["max_rel"] <= entry["max_rel_error"]
+        result = summarize(validate_graph(spec, str(path)), entry["max_rel_error"], spec.max_mismatch)
         entry["validation"] = result
+        extra = ""
+        if "min_psnr_db" in result and spec.extra.get("role") == "diffusion_step":
+            extra += f", PSNR {result['min_psnr_db']:.1f} dB"
+        if "max_mismatch" in result:
+            extra += f", quantised mismatch {result['max_mismatch']:.1e} (tolerance {spec.max_mismatch:.0e})"
         msg += (f", validated in {time.perf_counter() - t0:.1f}s: max abs {result['max_abs']:.2e}, "
-                f"max rel {result['max_rel']:.2e} (tolerance {entry['max_rel_error']:.0e}) "
+                f"max rel {result['max_rel']:.2e} (tolerance {entry['max_rel_error']:.0e}){extra} "
                 f"{'OK' if result['passed'] else 'FAILED'}")
     log(f"  {spec.name}: {msg}")
     return entry
 
 
-def _manifest(config: ExportConfig, model: TerraMindModel, weights: dict, graphs: dict) -> dict:
+def _manifest(config: ExportConfig, model: TerraMindModel, weights: dict, graphs: dict,
+              tokenizers: dict[str, Tokenizer] | None = None) -> dict:
     variant = model.variant
     modalities = {}
     for name in model.names:
@@ -213,9 +261,14 @@ def _manifest(config: ExportConfig, model: TerraMindModel, weights: dict, graphs
     targets = {}
     for name in model.targets:
         t = get_target(name)
+        tok_cfg = tokenizers[name].config if tokenizers and name in tokenizers else None
         targets[name] = {"key": t.key, "graph": f"decoder_{name}", "vocab_size": t.vocab_size,
                          "fsq_levels": list(t.fsq_levels), "tokenizer_decoder": t.decoder,
-                         "channels": t.num_channels, "mean": list(t.mean), "std": list(t.std)}
+                         "channels": t.num_channels, "mean": list(t.mean), "std": list(t.std),
+                         "tokenize_graph": f"tokenize_{name}",
+                         "unet_graph": f"unet_{name}" if t.decoder == "diffusion" else None,
+                         "detokenize_graph": f"detokenize_{name}" if t.decoder == "vit" else None,
+                         "tokenizer_config": _config_json(tok_cfg) if tok_cfg else None}
     validated = [g["validation"] for g in graphs.values() if "validation" in g]
     return {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
@@ -227,6 +280,11 @@ def _manifest(config: ExportConfig, model: TerraMindModel, weights: dict, graphs
         "weights": weights,
         "modalities": modalities,
         "targets": targets,
+        # The DiVAE tokenizers' DDIM scheduler (tm_runtime.scheduler implements exactly this).
+        "scheduler": {"type": "DDIM", "num_train_timesteps": 1000, "beta_schedule": "linear",
+                      "beta_start": 1e-4, "beta_end": 0.02, "rescale_zero_terminal_snr": True,
+                      "timestep_spacing": "trailing", "prediction_type": "sample",
+                      "clip_sample_range": 1.0, "eta": 0.0, "set_alpha_to_one": True},
         "encoder": {"graph": "encoder", "outputs": [o["name"] for o in graphs["encoder"]["outputs"]],
                     "last_output_normed": True},
         "graphs": graphs,
@@ -236,6 +294,12 @@ def _manifest(config: ExportConfig, model: TerraMindModel, weights: dict, graphs
     }
 
 
+def _config_json(cfg) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(cfg)
+
+
 def export(config: ExportConfig, log: Callable[[str], None] = print) -> dict:
     """Export every graph of ``config`` into ``config.out``; returns the manifest."""
     out = Path(config.out)
@@ -243,7 +307,8 @@ def export(config: ExportConfig, log: Callable[[str], None] = print) -> dict:
         raise ExportError(f"{out} already exists; pass --overwrite to replace it")
     start = time.perf_counter()
     model, weights = build_reference(config, log)
-    specs = all_specs(model)
+    tokenizers, weights["tokenizers"] = build_tokenizers(config, list(model.targets), log)
+    specs = all_specs(model) + [s for name, tok in tokenizers.items() for s in tokenizer_specs(name, tok)]
     out.parent.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
@@ -251,7 +316,7 @@ def export(config: ExportConfig, log: Callable[[str], None] = print) -> dict:
         for i, spec in enumerate(specs, 1):
             log(f"[{i}/{len(specs)}] {spec.name}")
             graphs[spec.name] = export_graph(spec, workdir, config, log)
-        manifest = _manifest(config, model, weights, graphs)
+        manifest = _manifest(config, model, weights, graphs, tokenizers)
         (workdir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
         failed = [n for n, g in graphs.items() if not g.get("validation", {"passed": True})["passed"]]
         if failed:

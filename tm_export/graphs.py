@@ -37,6 +37,10 @@ class GraphSpec:
     # Called with (batch, generator) -> example inputs; symbolic dims are filled in by it.
     sample: Callable[[int, torch.Generator], tuple[torch.Tensor, ...]]
     max_rel_error: float = 1e-4  # fp32: max |ort - torch| / max |torch| per output
+    # Outputs produced by rounding (FSQ codes and ids): compared by the fraction of differing
+    # elements, which may be non-zero only at rounding ties.
+    quantised_outputs: tuple[str, ...] = ()
+    max_mismatch: float = 1e-3
     extra: dict = field(default_factory=dict)  # goes into the manifest entry as is
 
     @property

@@ -16,6 +16,13 @@ HUB_CHECKPOINTS: dict[str, tuple[str, str]] = {
 }
 
 
+TOKENIZER_MODALITIES = ("S2L2A", "S1GRD", "S1RTC", "DEM", "NDVI", "LULC")
+HUB_TOKENIZERS: dict[str, tuple[str, str]] = {
+    m: (f"ibm-esa-geospatial/TerraMind-1.0-Tokenizer-{m}", f"TerraMind_Tokenizer_{m}.pt")
+    for m in TOKENIZER_MODALITIES
+}
+
+
 class WeightsError(RuntimeError):
     """Weights could not be found, read, or do not fit the model."""
 
@@ -41,12 +48,20 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def hub_checkpoint(size: str) -> Path:
-    """Path of the official checkpoint in the HF cache, downloading it if allowed.
-
-    Honours HF_HUB_OFFLINE and HF_HOME/HF_HUB_CACHE (huggingface_hub does). Fails with one clear
-    message saying what to download, or to pass --ckpt.
-    """
+    """Path of the official backbone checkpoint in the HF cache, downloading it if allowed."""
     repo_id, filename = HUB_CHECKPOINTS[size]
+    return hub_file(repo_id, filename, "--ckpt PATH")
+
+
+def hub_tokenizer(modality: str) -> Path:
+    """Path of the official tokenizer checkpoint of ``modality`` (HF cache or download)."""
+    repo_id, filename = HUB_TOKENIZERS[modality]
+    return hub_file(repo_id, filename, f"--tokenizer-ckpt {modality}=PATH")
+
+
+def hub_file(repo_id: str, filename: str, flag: str) -> Path:
+    """Honours HF_HUB_OFFLINE and HF_HOME/HF_HUB_CACHE (huggingface_hub does). Fails with one
+    clear message saying what to download, and which flag takes the file instead."""
     try:
         from huggingface_hub import hf_hub_download
     except ImportError as exc:  # pragma: no cover - export extra installs it
@@ -58,7 +73,7 @@ def hub_checkpoint(size: str) -> Path:
         why = "offline mode (HF_HUB_OFFLINE) and the file is not in the cache" if offline else str(exc).splitlines()[0]
         raise WeightsError(
             f"could not get {filename} from the Hugging Face hub ({repo_id}): {why}. "
-            f"Download https://huggingface.co/{repo_id}/blob/main/{filename} and pass --ckpt PATH, "
+            f"Download https://huggingface.co/{repo_id}/blob/main/{filename} and pass {flag}, "
             "or use --random-init --seed N for a test export."
         ) from exc
 
@@ -99,3 +114,26 @@ def randomize(module: nn.Module, seed: int) -> None:
             else:
                 fan_in = param.shape[-1] if param.ndim > 1 else 50
                 param.copy_(noise * min(0.02, fan_in ** -0.5))
+
+
+def random_state(state: dict[str, torch.Tensor], seed: int, keep: tuple[str, ...] = ("pos_emb",)) -> dict:
+    """Seeded random values for a state_dict's floating tensors (for random-init tokenizers).
+
+    Matrices and kernels are scaled by 1/sqrt(fan-in) and vectors named ``weight`` (norms) are
+    drawn around 1, so activations stay finite through a 50-layer UNet; keys ending in ``keep``
+    (the fixed positional tables) are left as built.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, value in state.items():
+        if not value.is_floating_point() or key.endswith(keep):
+            out[key] = value
+            continue
+        noise = torch.randn(value.shape, generator=gen)
+        if value.dim() >= 2:
+            out[key] = noise / value[0].numel() ** 0.5
+        elif key.endswith("weight"):
+            out[key] = 1.0 + 0.2 * noise
+        else:
+            out[key] = 0.1 * noise
+    return out

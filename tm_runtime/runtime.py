@@ -9,9 +9,20 @@ import numpy as np
 from .backends import OrtBackend
 from .inputs import check_image, check_same_batch, resolve_names, standardize as standardize_image
 from .manifest import Manifest, load_manifest
+from .generation import (as_output_list, check_noise, check_timesteps, check_tokens, codes_for, destandardize,
+                         diffusion_decode)
 from .merge import check_merge_method, merge_tokens
+from .sampling import check_sampling_args, sample_tokens
 
 Layers = int | Sequence[int] | str
+
+
+class _TokenizerInput:
+    """Adapts a generation target to the input checks (channels and band names)."""
+
+    def __init__(self, target) -> None:
+        self.num_channels = target.channels
+        self.bands = tuple(f"channel {i}" for i in range(target.channels))
 
 
 class TerraMindRuntime:
@@ -119,6 +130,100 @@ class TerraMindRuntime:
         arrays = self.prepare(inputs, standardize=standardize, check_finite=check_finite)
         encoded, emb = self.encode_context(arrays)
         return self.decoder_logits(target.name, encoded, emb)
+
+    # -- tokenizers -------------------------------------------------------------------------
+    @property
+    def grid(self) -> int:
+        return self.manifest.image_size // 16
+
+    def tokenize(self, modality: str, image: np.ndarray, check_finite: bool = True) -> np.ndarray:
+        """A (standardised) image (B, C, H, W) -> token ids (B, h, w) with the modality's tokenizer."""
+        target = self._target(modality)
+        spec = _TokenizerInput(target)
+        array = check_image(target.name, image, spec, self.manifest.image_size, check_finite)
+        return self.backend.run(f"tokenize_{target.name}", {"image": array}, ["ids"])[0]
+
+    def decode_tokens(self, modality: str, tokens: np.ndarray, timesteps: int = 10,
+                      noise: np.ndarray | None = None, standardize: bool = False, seed: int | None = None,
+                      rng: np.random.Generator | None = None, progress=None) -> np.ndarray:
+        """Token ids (B, h, w) -> image (B, C, H, W), in standardised units unless ``standardize``.
+
+        Diffusion targets run ``timesteps`` DDIM steps from ``noise`` (B, C, H, W) (drawn from the
+        seeded Generator when None); LULC returns its (B, 10, H, W) class logits in one pass.
+        """
+        target = self._target(modality)
+        timesteps = check_timesteps(timesteps)
+        ids = check_tokens(target.name, tokens, target.vocab_size, self.grid)
+        codes = codes_for(target.fsq_levels, ids)
+        if target.tokenizer_decoder == "vit":
+            out = self.backend.run(f"detokenize_{target.name}", {"quant": codes}, ["logits"])[0]
+        else:
+            size = self.manifest.image_size
+            shape = (ids.shape[0], target.channels, size, size)
+            if noise is None:
+                rng = rng if rng is not None else np.random.default_rng(seed)
+                noise = rng.standard_normal(shape, dtype=np.float32)
+            noise = check_noise(target.name, noise, shape)
+
+            def unet(x: np.ndarray, t: np.ndarray, quant: np.ndarray) -> np.ndarray:
+                return self.backend.run(f"unet_{target.name}", {"x_t": x, "t": t, "quant": quant}, ["x0"])[0]
+
+            out = diffusion_decode(unet, codes, noise, timesteps, progress, target.name)
+        return destandardize(out, target.mean, target.std) if standardize else out
+
+    # -- generation -------------------------------------------------------------------------
+    def generate(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        output_modalities: str | Sequence[str],
+        timesteps: int = 10,
+        seed: int | None = None,
+        temperature: float = 1.0,
+        top_p: float = 0.8,
+        top_k: int = 0,
+        standardize: bool = True,
+        return_tokens: bool = False,
+        noise: Mapping[str, np.ndarray] | None = None,
+        check_finite: bool = True,
+        progress=None,
+    ):
+        """Generate ``output_modalities`` from ``inputs``, as terratorch's ``*_generate`` models do.
+
+        The encoder runs once for all outputs (upstream re-encodes per output). Per output: the
+        decoder graph -> sampling (top-p on the raw logits, then temperature, then a categorical
+        draw; temperature 0 = argmax) -> FSQ codes -> ``timesteps`` DDIM steps over the UNet graph
+        (or, for LULC, the ViT decoder: 10-class logits) -> de-standardised if ``standardize``.
+        ``standardize`` also standardises the inputs with the pretraining statistics, as upstream.
+        ``noise`` optionally gives the initial diffusion noise per output (B, C, H, W).
+        ``progress(label, step, total)`` is called after every decoder pass and denoising step.
+        Returns {name: array}, and with ``return_tokens`` also {name: ids (B, h, w)}.
+        """
+        names = [self._target(m).name for m in as_output_list(output_modalities)]
+        if len(set(names)) != len(names):
+            raise ValueError(f"an output modality is listed twice: {list(output_modalities)}")
+        timesteps = check_timesteps(timesteps)
+        check_sampling_args(temperature, top_k, top_p)
+        noise = dict(noise or {})
+        unknown_noise = sorted(set(noise) - set(names))
+        if unknown_noise:
+            raise ValueError(f"noise given for {', '.join(unknown_noise)}, which is not among the outputs {names}")
+        arrays = self.prepare(inputs, standardize=standardize, check_finite=check_finite)
+        clash = [n for n in names if n in arrays]
+        if clash:
+            raise ValueError(f"{', '.join(clash)} is both an image input and an output; TerraMind generates "
+                             "outputs from the other inputs (drop it from one of them)")
+        rng = np.random.default_rng(seed)
+        encoded, emb = self.encode_context(arrays)
+        images, tokens = {}, {}
+        for name in names:
+            logits = self.decoder_logits(name, encoded, emb)
+            ids = sample_tokens(logits, rng, temperature=temperature, top_k=top_k, top_p=top_p)
+            tokens[name] = ids.reshape(ids.shape[0], self.grid, self.grid)
+            if progress:
+                progress(f"{name} tokens", 1, 1)
+            images[name] = self.decode_tokens(name, tokens[name], timesteps, noise=noise.get(name),
+                                              standardize=standardize, rng=rng, progress=progress)
+        return (images, tokens) if return_tokens else images
 
     def _layer_indices(self, layers: Layers) -> tuple[list[int], bool]:
         """Normalise ``layers`` to indices; the flag says whether to return a single item."""
