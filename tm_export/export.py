@@ -95,18 +95,27 @@ def build_reference(config: ExportConfig, log: Callable[[str], None] = print) ->
     targets = [get_target(t).name for t in config.output_modalities]
     if len(set(targets)) != len(targets):
         raise ExportError(f"an output modality is listed twice: {config.output_modalities}")
-    model = TerraMindModel(variant, names, targets, image_size=config.image_size)
+    state = path = None
+    if not config.random_init:
+        path = Path(config.ckpt) if config.ckpt else W.hub_checkpoint(config.size)
+        log(f"weights: {path}")
+        state = W.read_state_dict(path)
+    # Generated outputs condition later ones through their encoder token embedding; the official
+    # checkpoints have one for every target (a checkpoint without it can still generate, unchained).
+    conditioning = [t for t in targets
+                    if state is None or f"encoder_embeddings.{get_target(t).key}.token_emb.weight" in state]
+    for t in sorted(set(targets) - set(conditioning)):
+        log(f"note: the checkpoint has no encoder token embedding for {t}: it cannot condition other outputs")
+    model = TerraMindModel(variant, names, targets, image_size=config.image_size, conditioning=conditioning)
     if config.random_init:
         W.randomize(model, config.seed)
         info = {"random_init": True, "seed": config.seed, "source": "random-init"}
         log(f"WARNING: RANDOM WEIGHTS (--random-init --seed {config.seed}): outputs are meaningless; "
             "for tests and benchmarks only")
     else:
-        path = Path(config.ckpt) if config.ckpt else W.hub_checkpoint(config.size)
-        source = "file" if config.ckpt else "huggingface_hub"
-        log(f"weights: {path}")
-        W.load_needed(model, W.read_state_dict(path), str(path))
-        info = {"random_init": False, "source": source, "file": path.name, "sha256": sha256_file(path)}
+        W.load_needed(model, state, str(path))
+        info = {"random_init": False, "source": "file" if config.ckpt else "huggingface_hub", "file": path.name,
+                "sha256": sha256_file(path)}
         if not config.ckpt:
             info["repo_id"] = W.HUB_CHECKPOINTS[config.size][0]
     for name, chosen in config.bands.items():
@@ -268,6 +277,7 @@ def _manifest(config: ExportConfig, model: TerraMindModel, weights: dict, graphs
                          "tokenize_graph": f"tokenize_{name}",
                          "unet_graph": f"unet_{name}" if t.decoder == "diffusion" else None,
                          "detokenize_graph": f"detokenize_{name}" if t.decoder == "vit" else None,
+                         "condition_graph": f"embed_tok_{name}" if name in model.conditioning else None,
                          "tokenizer_config": _config_json(tok_cfg) if tok_cfg else None}
     validated = [g["validation"] for g in graphs.values() if "validation" in g]
     return {

@@ -132,6 +132,35 @@ def encoder_spec(model: TerraMindModel) -> GraphSpec:
     )
 
 
+class TokenEmbedGraph(nn.Module):
+    def __init__(self, model: TerraMindModel, name: str) -> None:
+        super().__init__()
+        self.embedding = model.token_embedding(name)
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.embedding(ids)
+
+
+def token_embedding_specs(model: TerraMindModel) -> list[GraphSpec]:
+    """ids (B, h, w) of a generated (or tokenised) modality -> encoder tokens and their emb."""
+    dim, grid = model.variant.dim, model.grid
+    specs = []
+    for name in model.conditioning:
+        vocab = model.token_embedding(name).vocab_size
+
+        def sample(batch: int, gen: torch.Generator, v: int = vocab) -> tuple[torch.Tensor, ...]:
+            return (torch.randint(0, v, (batch, grid, grid), generator=gen),)
+
+        specs.append(GraphSpec(
+            name=f"embed_tok_{name}", module=TokenEmbedGraph(model, name),
+            inputs=[TensorDecl("ids", "int64", (BATCH, grid, grid))],
+            outputs=[TensorDecl("tokens", "float32", (BATCH, grid * grid, dim)),
+                     TensorDecl("emb", "float32", (1, grid * grid, dim))],
+            sample=sample, extra={"modality": name, "role": "token_embedding", "vocab_size": vocab},
+        ))
+    return specs
+
+
 def decoder_graph_name(target: str) -> str:
     return f"decoder_{target}"
 
@@ -161,4 +190,4 @@ def decoder_specs(model: TerraMindModel) -> list[GraphSpec]:
 
 
 def all_specs(model: TerraMindModel) -> list[GraphSpec]:
-    return embedding_specs(model) + [encoder_spec(model)] + decoder_specs(model)
+    return embedding_specs(model) + token_embedding_specs(model) + [encoder_spec(model)] + decoder_specs(model)

@@ -87,8 +87,10 @@ def _head_input(g: _Graph, name: str, perm: list[int]) -> onnx.NodeProto:
     return g.only(reshape.input[0], "Slice")
 
 
-def _fuse_one(g: _Graph, softmax: onnx.NodeProto, num_heads: int, index: int) -> tuple[onnx.NodeProto, list]:
-    """The Attention node replacing the pattern around ``softmax``, and new initializers."""
+def _fuse_one(g: _Graph, softmax: onnx.NodeProto, num_heads: int, index: int,
+              mode: str) -> tuple[list[onnx.NodeProto], list]:
+    """The nodes replacing the pattern around ``softmax`` (see ``fuse_attention``), and new
+    initializers."""
     scale_node = g.producer.get(softmax.input[0])
     if scale_node is None or scale_node.op_type not in ("Mul", "Div"):
         raise OptimizeError(f"{softmax.name}: expected a scale Mul/Div before Softmax")
@@ -114,7 +116,8 @@ def _fuse_one(g: _Graph, softmax: onnx.NodeProto, num_heads: int, index: int) ->
     if start is None or int(start.reshape(-1)[0]) != 0:
         raise OptimizeError(f"{softmax.name}: q is not the first third of the qkv projection")
     # The reference lays the projection out as [q | k | v] (timm layout); k and v follow q.
-    projection = g.producer[qkv.pop()]
+    qkv_out = qkv.pop()
+    projection = g.producer[qkv_out]
     bias = None
     if projection.op_type == "Add":
         matmul_name, bias_name = projection.input[1], projection.input[0]
@@ -133,13 +136,34 @@ def _fuse_one(g: _Graph, softmax: onnx.NodeProto, num_heads: int, index: int) ->
     merged = g.only(g.consumer(weighted.output[0], "Transpose").output[0], "Transpose")  # (B, N, H, d)
     reshape = g.consumer(merged.output[0], "Reshape")
     prefix = f"fused_attention_{index}"
+    if mode == "mha":
+        return _mha_nodes(prefix, qkv_out, dim, num_heads, scale, reshape.output[0])
     new_inits = [numpy_helper.from_array(weight.astype(np.float32), f"{prefix}.qkv_weight"),
                  numpy_helper.from_array(bias.astype(np.float32), f"{prefix}.qkv_bias")]
     node = helper.make_node(
         "Attention", [projection.input[0], new_inits[0].name, new_inits[1].name], [reshape.output[0]],
         name=prefix, domain=CONTRIB_DOMAIN, num_heads=num_heads, scale=scale,
     )
-    return node, new_inits
+    return [node], new_inits
+
+
+def _mha_nodes(prefix: str, qkv: str, dim: int, num_heads: int, scale: float,
+               output: str) -> tuple[list[onnx.NodeProto], list]:
+    """Keep the qkv projection (one large GEMM), slice q, k, v with constant bounds and run
+    only the attention core as ``com.microsoft.MultiHeadAttention``."""
+    inits, nodes, parts = [], [], []
+    axis = numpy_helper.from_array(np.array([-1], np.int64), f"{prefix}.axis")
+    inits.append(axis)
+    for i, part in enumerate("qkv"):
+        starts = numpy_helper.from_array(np.array([i * dim], np.int64), f"{prefix}.{part}_start")
+        ends = numpy_helper.from_array(np.array([(i + 1) * dim], np.int64), f"{prefix}.{part}_end")
+        inits += [starts, ends]
+        parts.append(f"{prefix}.{part}")
+        nodes.append(helper.make_node("Slice", [qkv, starts.name, ends.name, axis.name], [parts[-1]],
+                                      name=f"{prefix}.slice_{part}"))
+    nodes.append(helper.make_node("MultiHeadAttention", parts, [output], name=prefix, domain=CONTRIB_DOMAIN,
+                                  num_heads=num_heads, scale=scale))
+    return nodes, inits
 
 
 def _prune(model: onnx.ModelProto) -> None:
@@ -167,26 +191,36 @@ def _prune(model: onnx.ModelProto) -> None:
     g.initializer.extend(inits)
 
 
-def fuse_attention(model: onnx.ModelProto, num_heads: int) -> int:
-    """Fuse every self-attention of ``model`` in place; returns how many were fused."""
+FUSION_MODES = ("attention", "mha")
+
+
+def fuse_attention(model: onnx.ModelProto, num_heads: int, mode: str = "attention") -> int:
+    """Fuse every self-attention of ``model`` in place; returns how many were fused.
+
+    mode "attention": qkv projection and attention in one ``Attention`` node;
+    mode "mha": qkv projection kept as a MatMul, the core in ``MultiHeadAttention``.
+    """
+    if mode not in FUSION_MODES:
+        raise ValueError(f"mode must be one of {FUSION_MODES}, got {mode!r}")
     g = _Graph(model)
     softmaxes = [n for n in model.graph.node if n.op_type == "Softmax"]
     if not softmaxes:
         raise OptimizeError("no Softmax in the graph: nothing to fuse")
     fused = []
     for i, softmax in enumerate(softmaxes):
-        fused.append(_fuse_one(g, softmax, num_heads, i))
+        fused.append(_fuse_one(g, softmax, num_heads, i, mode))
     # Put each fused node where its Softmax was: its inputs are computed before it, and the
     # nodes reading its output come after it.
     position = {id(s): k for k, s in enumerate(softmaxes)}
     nodes: list[onnx.NodeProto] = []
+    new_ids = {id(n) for group, _ in fused for n in group}
     for n in model.graph.node:
         nodes.append(n)
         if id(n) in position:
-            nodes.append(fused[position[id(n)]][0])
-    replaced = {node.output[0] for node, _ in fused}
+            nodes.extend(fused[position[id(n)]][0])
+    replaced = {group[-1].output[0] for group, _ in fused}
     # The old Reshapes that produced the attention outputs are now dead duplicates: drop them.
-    nodes = [n for n in nodes if n.domain == CONTRIB_DOMAIN or not (set(n.output) & replaced)]
+    nodes = [n for n in nodes if id(n) in new_ids or not (set(n.output) & replaced)]
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     for _, inits in fused:
@@ -215,7 +249,8 @@ def compare_graphs(original: Path, optimized: Path, dim: int, tokens: int, batch
     return {"max_abs": max_abs, "max_rel": max_rel, "batches": list(batches)}
 
 
-def optimize_export(src: Path, out: Path, log: Callable[[str], None] = print, overwrite: bool = False) -> dict:
+def optimize_export(src: Path, out: Path, log: Callable[[str], None] = print, overwrite: bool = False,
+                    mode: str = "attention") -> dict:
     """Copy the export ``src`` to ``out`` with the encoder graph fused; returns the new manifest."""
     manifest = load_manifest(src)
     if out.exists():
@@ -229,7 +264,7 @@ def optimize_export(src: Path, out: Path, log: Callable[[str], None] = print, ov
     shutil.copytree(src, out)
     path = out / entry.file
     model = onnx.load(str(path))
-    count = fuse_attention(model, int(manifest.model["num_heads"]))
+    count = fuse_attention(model, int(manifest.model["num_heads"]), mode)
     onnx.checker.check_model(model)
     onnx.save_model(model, str(path))
     tokens = int(manifest.model["tokens_per_modality"]) * len(manifest.modalities)
@@ -243,8 +278,9 @@ def optimize_export(src: Path, out: Path, log: Callable[[str], None] = print, ov
     data = json.loads((out / MANIFEST_NAME).read_text())
     graph = data["graphs"][encoder]
     graph["sha256"] = sha256_file(path)
-    graph["optimized"] = {"pass": "tm_export.optimize.fuse_attention", "fused_attention": count,
-                          "contrib_ops": [f"{CONTRIB_DOMAIN}.Attention"], "portable": False,
+    op = "Attention" if mode == "attention" else "MultiHeadAttention"
+    graph["optimized"] = {"pass": f"tm_export.optimize.fuse_attention(mode={mode})", "fused_attention": count,
+                          "contrib_ops": [f"{CONTRIB_DOMAIN}.{op}"], "portable": False,
                           "from_sha256": entry.sha256, "check_vs_portable": check}
     (out / MANIFEST_NAME).write_text(json.dumps(data, indent=2) + "\n")
     return data
@@ -255,10 +291,13 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", type=Path, help="export directory written by tm-export")
     p.add_argument("--out", type=Path, required=True, help="new export directory (ONNX Runtime only)")
+    p.add_argument("--mode", choices=FUSION_MODES, default="attention",
+                   help="attention: projection + attention in one node; mha: only the attention core")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     try:
-        optimize_export(args.src, args.out, log=lambda s: print(s, flush=True), overwrite=args.overwrite)
+        optimize_export(args.src, args.out, log=lambda s: print(s, flush=True), overwrite=args.overwrite,
+                        mode=args.mode)
     except OptimizeError as exc:
         print(f"tm_export.optimize: error: {exc}", file=sys.stderr)
         return 1

@@ -92,11 +92,13 @@ class TargetEntry:
     channels: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    condition_graph: str | None = None  # ids -> encoder tokens, to condition later outputs
 
     @classmethod
     def from_json(cls, name: str, d: dict[str, Any]) -> "TargetEntry":
         return cls(name, d["key"], d["graph"], int(d["vocab_size"]), tuple(d["fsq_levels"]),
-                   d["tokenizer_decoder"], int(d["channels"]), tuple(d["mean"]), tuple(d["std"]))
+                   d["tokenizer_decoder"], int(d["channels"]), tuple(d["mean"]), tuple(d["std"]),
+                   d.get("condition_graph"))
 
 
 @dataclass

@@ -184,12 +184,16 @@ class TerraMindRuntime:
         standardize: bool = True,
         return_tokens: bool = False,
         noise: Mapping[str, np.ndarray] | None = None,
+        chained: bool = True,
         check_finite: bool = True,
         progress=None,
     ):
         """Generate ``output_modalities`` from ``inputs``, as terratorch's ``*_generate`` models do.
 
-        The encoder runs once for all outputs (upstream re-encodes per output). Per output: the
+        Outputs are generated in the order given and, as in terratorch, each generated output is fed
+        back to the encoder as a token input and conditions the outputs after it (``chained``); the
+        encoder therefore runs once per output. ``chained=False`` makes the outputs independent
+        given the inputs and runs the encoder once for all of them. Per output: the
         decoder graph -> sampling (top-p on the raw logits, then temperature, then a categorical
         draw; temperature 0 = argmax) -> FSQ codes -> ``timesteps`` DDIM steps over the UNet graph
         (or, for LULC, the ViT decoder: 10-class logits) -> de-standardised if ``standardize``.
@@ -212,13 +216,27 @@ class TerraMindRuntime:
         if clash:
             raise ValueError(f"{', '.join(clash)} is both an image input and an output; TerraMind generates "
                              "outputs from the other inputs (drop it from one of them)")
+        if chained:
+            missing = [n for n in names[:-1] if not self.manifest.targets[n].condition_graph]
+            if missing:
+                raise ValueError(f"chained generation feeds {', '.join(missing)} back to the encoder, but this "
+                                 "export has no token-embedding graph for it; put it last or pass chained=False")
         rng = np.random.default_rng(seed)
-        encoded, emb = self.encode_context(arrays)
+        context_tokens, context_emb = self._embed_with_context(arrays)
+        encoded = None
         images, tokens = {}, {}
-        for name in names:
-            logits = self.decoder_logits(name, encoded, emb)
+        for i, name in enumerate(names):
+            if encoded is None or chained:
+                encoded = self.encode(context_tokens, [self.num_layers - 1])[0]
+            logits = self.decoder_logits(name, encoded, context_emb)
             ids = sample_tokens(logits, rng, temperature=temperature, top_k=top_k, top_p=top_p)
             tokens[name] = ids.reshape(ids.shape[0], self.grid, self.grid)
+            if chained and i < len(names) - 1:
+                # As upstream: a generated output conditions the ones after it, as an encoder input.
+                t, e = self.backend.run(self.manifest.targets[name].condition_graph,
+                                        {"ids": tokens[name].astype(np.int64)}, ["tokens", "emb"])
+                context_tokens = np.concatenate([context_tokens, t], axis=1)
+                context_emb = np.concatenate([context_emb, e], axis=1)
             if progress:
                 progress(f"{name} tokens", 1, 1)
             images[name] = self.decode_tokens(name, tokens[name], timesteps, noise=noise.get(name),

@@ -76,3 +76,31 @@ class ImageEncoderEmbedding(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """image (B, C, H, W) -> tokens + positional + modality embedding (B, H/16*W/16, D)."""
         return self.patch_tokens(image) + self.position_embedding(image)
+
+
+class ImageTokenEncoderEmbedding(nn.Module):
+    """Encoder embedding of a tokenised image modality (``tok_<mod>@224``): keys
+    ``token_emb.weight`` (V, D), ``mod_emb``, ``pos_emb`` (a buffer).
+
+    Upstream's generation feeds every generated output except the last back through this
+    embedding, so that it conditions the outputs after it; tokenised inputs (LULC, NDVI) use it too.
+    """
+
+    def __init__(self, vocab_size: int, dim: int, image_size: int = 224) -> None:
+        super().__init__()
+        grid = image_size // PATCH_SIZE
+        self.vocab_size = vocab_size
+        self.token_emb = nn.Embedding(vocab_size, dim)
+        self.mod_emb = nn.Parameter(torch.zeros(1, 1, dim))
+        self.register_buffer("pos_emb", sincos_2d(grid, grid, dim))
+
+    def position_embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        """pos + modality embedding for a (B, h, w) id grid, (1, h*w, D); static per export."""
+        grid_h, grid_w = int(ids.shape[-2]), int(ids.shape[-1])
+        return resize_positions(self.pos_emb, grid_h, grid_w) + self.mod_emb
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids (B, h, w) int -> (token + pos + modality embedding (B, h*w, D), pos + modality (1, h*w, D))."""
+        emb = self.position_embedding(ids)
+        x = self.token_emb(ids.flatten(1).to(torch.int64))
+        return x + emb, emb

@@ -54,20 +54,26 @@ def reference_generate(
     top_p: float = 0.8,
     top_k: int = 0,
     standardize: bool = True,
+    chained: bool = True,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Same contract and same Generator consumption as ``TerraMindRuntime.generate``."""
     arrays = {get_modality(k).name: (_standardize(k, v) if standardize else v).astype(np.float32)
               for k, v in inputs.items()}
     images = {k: torch.from_numpy(v) for k, v in arrays.items()}
-    encoded = model(images)[-1]
+    context = torch.cat([model.embedding(n)(img) for n, img in images.items()], dim=1)
     emb = torch.cat([model.embedding(n).position_embedding(img) for n, img in images.items()], dim=1)
     out, tokens = {}, {}
     grid = model.grid
-    for name in (get_target(m).name for m in output_modalities):
+    names = [get_target(m).name for m in output_modalities]
+    for i, name in enumerate(names):
+        encoded = model.encode(context)[-1]
         logits = model.target_logits(encoded, emb, name).numpy()
         ids = sample_tokens(logits, rng, temperature=temperature, top_k=top_k, top_p=top_p)
         ids = ids.reshape(ids.shape[0], grid, grid)
         tokens[name] = ids
+        if chained and i < len(names) - 1:  # the output conditions the next ones, as an encoder input
+            t, e = model.token_embedding(name)(torch.from_numpy(ids))
+            context, emb = torch.cat([context, t], dim=1), torch.cat([emb, e], dim=1)
         tok = tokenizers[name]
         noise = None
         if isinstance(tok.decoder, UNetStep):

@@ -13,7 +13,7 @@ from torch import nn
 from tm_runtime.modalities import get_modality, get_target
 
 from .decoder import ImageTokenDecoderEmbedding, build_decoder_blocks, build_decoder_norm, decode_logits
-from .embeddings import ImageEncoderEmbedding
+from .embeddings import ImageEncoderEmbedding, ImageTokenEncoderEmbedding
 from .layers import Block, LayerNorm
 
 
@@ -90,6 +90,7 @@ class TerraMindModel(nn.Module):
         targets: list[str] | None = None,
         channels: dict[str, int] | None = None,
         image_size: int = 224,
+        conditioning: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.variant = variant
@@ -119,6 +120,12 @@ class TerraMindModel(nn.Module):
                 target = get_target(name)
                 self.decoder_embeddings[target.key] = ImageTokenDecoderEmbedding(target.vocab_size, variant.dim, 224)
                 self.targets[target.name] = target.key
+        # Token embeddings of generated outputs, for chained generation (see ImageTokenEncoderEmbedding).
+        self.conditioning: dict[str, str] = {}
+        for name in conditioning or []:
+            target = get_target(name)
+            self.encoder_embeddings[target.key] = ImageTokenEncoderEmbedding(target.vocab_size, variant.dim, 224)
+            self.conditioning[target.name] = target.key
 
     @property
     def body(self) -> Encoder:
@@ -126,6 +133,9 @@ class TerraMindModel(nn.Module):
 
     def embedding(self, name: str) -> ImageEncoderEmbedding:
         return self.encoder_embeddings[self.names[name]]
+
+    def token_embedding(self, name: str) -> ImageTokenEncoderEmbedding:
+        return self.encoder_embeddings[self.conditioning[name]]
 
     def decoder_embedding(self, name: str) -> ImageTokenDecoderEmbedding:
         return self.decoder_embeddings[self.targets[name]]

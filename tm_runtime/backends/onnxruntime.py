@@ -10,12 +10,19 @@ import numpy as np
 import onnxruntime as ort
 
 
-def make_session_options(threads: int | None = None, profile_prefix: str | None = None) -> ort.SessionOptions:
+def make_session_options(threads: int | None = None, profile_prefix: str | None = None,
+                         spinning: bool = False) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+    # Every graph has its own session and so its own intra-op pool. With spinning on (ORT's
+    # default), the pool of the graph that just ran keeps its workers busy-waiting while the
+    # next graph runs, and they take the cores it needs: on 2 cores the tiny encoder after the
+    # embed graphs ran 2-4x slower than with spinning off (see BENCHMARKS.md). Off by default.
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if profile_prefix:
         opts.enable_profiling = True
         opts.profile_file_prefix = profile_prefix
@@ -32,8 +39,10 @@ class OrtBackend:
         providers: Sequence[str | tuple[str, dict]] | None = None,
         threads: int | None = None,
         profile_prefix: str | None = None,
+        spinning: bool = False,
     ) -> None:
         self._paths = dict(graph_paths)
+        self._spinning = spinning
         self._providers = list(providers) if providers else ["CPUExecutionProvider"]
         self._threads = threads
         self._profile_prefix = profile_prefix
@@ -51,7 +60,7 @@ class OrtBackend:
                 start = time.perf_counter()
                 sess = ort.InferenceSession(
                     str(self._paths[name]),
-                    sess_options=make_session_options(self._threads, self._profile_prefix),
+                    sess_options=make_session_options(self._threads, self._profile_prefix, self._spinning),
                     providers=self._providers,
                 )
                 self.session_seconds[name] = time.perf_counter() - start
