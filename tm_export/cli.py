@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tm_runtime.modalities import RAW_MODALITIES
+from tm_runtime.modalities import INPUT_MODALITIES
 
 from .bands import parse_bands
 from .export import ExportConfig, ExportError, export
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tm-export", description=__doc__)
     p.add_argument("--model", required=True, choices=list(VARIANTS), help="TerraMind v1 size")
     p.add_argument("--modalities", required=True, nargs="+", metavar="MOD",
-                   help=f"input modalities to export ({', '.join(RAW_MODALITIES)})")
+                   help=f"input modalities to export ({', '.join(INPUT_MODALITIES)}; LULC and NDVI go through their tokenizer)")
     p.add_argument("--output-modalities", nargs="+", default=[], metavar="MOD",
                    help="generation targets: decoder graphs for S2L2A S1GRD S1RTC DEM NDVI LULC")
     p.add_argument("--tokenizer-ckpt", nargs="+", default=[], metavar="MOD=PATH",

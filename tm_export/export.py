@@ -106,7 +106,11 @@ def build_reference(config: ExportConfig, log: Callable[[str], None] = print) ->
                     if state is None or f"encoder_embeddings.{get_target(t).key}.token_emb.weight" in state]
     for t in sorted(set(targets) - set(conditioning)):
         log(f"note: the checkpoint has no encoder token embedding for {t}: it cannot condition other outputs")
-    model = TerraMindModel(variant, names, targets, image_size=config.image_size, conditioning=conditioning)
+    # Tokenised inputs (LULC, NDVI) enter the encoder through the same token embeddings.
+    raw = [n for n in names if not get_modality(n).tokenized]
+    tokenized = [n for n in names if get_modality(n).tokenized]
+    conditioning += [n for n in tokenized if n not in conditioning]
+    model = TerraMindModel(variant, raw, targets, image_size=config.image_size, conditioning=conditioning)
     if config.random_init:
         W.randomize(model, config.seed)
         info = {"random_init": True, "seed": config.seed, "source": "random-init"}
@@ -119,7 +123,7 @@ def build_reference(config: ExportConfig, log: Callable[[str], None] = print) ->
         if not config.ckpt:
             info["repo_id"] = W.HUB_CHECKPOINTS[config.size][0]
     for name, chosen in config.bands.items():
-        if name not in names:
+        if name not in raw:
             raise ExportError(f"--bands names {name}, which is not among --modalities {' '.join(names)}")
         select_bands(model.embedding(name), get_modality(name).bands, chosen)
     return model.eval(), info
@@ -134,7 +138,8 @@ def build_tokenizers(config: ExportConfig, targets: list[str],
         raise ExportError("small tokenizers exist only with --random-init (no checkpoint has that shape)")
     unknown = sorted(set(config.tokenizer_ckpts) - set(targets))
     if unknown:
-        raise ExportError(f"--tokenizer-ckpt names {', '.join(unknown)}, not among --output-modalities")
+        raise ExportError(f"--tokenizer-ckpt names {', '.join(unknown)}, which is neither an output modality "
+                          "nor a tokenised input (LULC, NDVI)")
     tokenizers, info = {}, {}
     for i, name in enumerate(targets):
         changes = SMALL_TOKENIZER if config.tokenizer_size == "small" else {}
@@ -261,12 +266,15 @@ def _manifest(config: ExportConfig, model: TerraMindModel, weights: dict, graphs
               tokenizers: dict[str, Tokenizer] | None = None) -> dict:
     variant = model.variant
     modalities = {}
-    for name in model.names:
+    for name in (get_modality(m).name for m in config.modalities):
         mod = get_modality(name)
         bands = config.bands.get(name, list(mod.bands))
         idx = [mod.bands.index(b) for b in bands]
-        modalities[name] = {"key": mod.key, "graph": f"embed_{name}", "channels": len(bands), "bands": bands,
+        modalities[name] = {"key": mod.key, "graph": f"embed_tok_{name}" if mod.tokenized else f"embed_{name}",
+                            "channels": len(bands), "bands": bands,
                             "mean": [mod.mean[i] for i in idx], "std": [mod.std[i] for i in idx]}
+        if mod.tokenized:
+            modalities[name].update({"tokenized": True, "tokenize_graph": f"tokenize_{name}"})
     targets = {}
     for name in model.targets:
         t = get_target(name)
@@ -317,8 +325,11 @@ def export(config: ExportConfig, log: Callable[[str], None] = print) -> dict:
         raise ExportError(f"{out} already exists; pass --overwrite to replace it")
     start = time.perf_counter()
     model, weights = build_reference(config, log)
-    tokenizers, weights["tokenizers"] = build_tokenizers(config, list(model.targets), log)
-    specs = all_specs(model) + [s for name, tok in tokenizers.items() for s in tokenizer_specs(name, tok)]
+    tokenized = [get_modality(m).name for m in config.modalities if get_modality(m).tokenized]
+    needed = list(model.targets) + [n for n in tokenized if n not in model.targets]
+    tokenizers, weights["tokenizers"] = build_tokenizers(config, needed, log)
+    specs = all_specs(model) + [s for name, tok in tokenizers.items()
+                                for s in tokenizer_specs(name, tok, decoder=name in model.targets)]
     out.parent.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:

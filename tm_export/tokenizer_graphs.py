@@ -25,7 +25,8 @@ def _codes(batch: int, latent: int, grid: int, gen: torch.Generator) -> torch.Te
     return torch.rand(batch, latent, grid, grid, generator=gen)
 
 
-def tokenizer_specs(name: str, tok: Tokenizer) -> list[GraphSpec]:
+def tokenizer_specs(name: str, tok: Tokenizer, decoder: bool = True) -> list[GraphSpec]:
+    """The encoder graph always (tokenised inputs need only it); the decoder graph with ``decoder``."""
     cfg = tok.config
     size, grid, channels, latent = cfg.image_size, cfg.grid, cfg.in_channels, cfg.latent_dim
     specs = []
@@ -42,6 +43,8 @@ def tokenizer_specs(name: str, tok: Tokenizer) -> list[GraphSpec]:
         sample=image_sample, quantised_outputs=("quant", "ids"),
         extra={"modality": name, "role": "tokenizer_encoder"},
     ))
+    if not decoder:
+        return specs
     if isinstance(tok.decoder, UNetStep):
         def unet_sample(batch: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
             return (torch.randn(batch, channels, size, size, generator=gen),

@@ -65,6 +65,25 @@ def check_image(name: str, value: object, spec: ModalityEntry, image_size: int, 
     return array
 
 
+def class_map_to_one_hot(name: str, value: object, spec: ModalityEntry) -> object:
+    """An integer class map (B, H, W) or (B, 1, H, W) -> one-hot float32 (B, C, H, W); other values pass.
+
+    LULC's tokenizer reads one-hot maps; upstream one-hot encodes class maps the same way (and
+    fails on ids outside the classes, as we do, with a message).
+    """
+    if not isinstance(value, np.ndarray) or not np.issubdtype(value.dtype, np.integer):
+        return value
+    if value.ndim == 4 and value.shape[1] == 1:
+        value = value[:, 0]
+    if value.ndim != 3:
+        raise ValueError(f"{name}: a class map must be (B, H, W) or (B, 1, H, W), got shape {tuple(value.shape)}")
+    classes = spec.num_channels
+    low, high = int(value.min()), int(value.max())
+    if low < 0 or high >= classes:
+        raise ValueError(f"{name}: class ids must lie in [0, {classes}), got values in [{low}, {high}]")
+    return np.ascontiguousarray(np.eye(classes, dtype=np.float32)[value].transpose(0, 3, 1, 2))
+
+
 def check_same_batch(arrays: Mapping[str, np.ndarray]) -> int:
     sizes = {name: a.shape[0] for name, a in arrays.items()}
     if len(set(sizes.values())) > 1:

@@ -73,10 +73,15 @@ class ModalityEntry:
     bands: tuple[str, ...]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    tokenize_graph: str | None = None  # tokenised inputs: image -> ids, then ``graph`` embeds the ids
 
     @property
     def num_channels(self) -> int:
         return len(self.bands)
+
+    @property
+    def tokenized(self) -> bool:
+        return self.tokenize_graph is not None
 
 
 @dataclass(frozen=True)
@@ -165,7 +170,8 @@ def load_manifest(export_dir: str | Path) -> Manifest:
         )
     graphs = {name: GraphEntry.from_json(name, g) for name, g in data["graphs"].items()}
     modalities = {
-        name: ModalityEntry(name, m["key"], m["graph"], tuple(m["bands"]), tuple(m["mean"]), tuple(m["std"]))
+        name: ModalityEntry(name, m["key"], m["graph"], tuple(m["bands"]), tuple(m["mean"]), tuple(m["std"]),
+                            m.get("tokenize_graph"))
         for name, m in data["modalities"].items()
     }
     targets = {name: TargetEntry.from_json(name, t) for name, t in data.get("targets", {}).items()}

@@ -24,6 +24,8 @@ class Modality:
     bands: tuple[str, ...]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    # Tokenised inputs (LULC, NDVI) go through their tokenizer's encoder, then a token embedding.
+    tokenized: bool = False
 
     @property
     def num_channels(self) -> int:
@@ -55,8 +57,18 @@ RAW_MODALITIES: dict[str, Modality] = {
     )
 }
 
+# Inputs that TerraMind reads as tokens of their own tokenizer. LULC's tokenizer takes a one-hot
+# map of 10 classes (a class map is one-hot encoded first); statistics are identity for LULC.
+TOKENIZED_MODALITIES: dict[str, Modality] = {
+    "LULC": Modality("LULC", "tok_lulc@224", tuple(f"CLASS_{i}" for i in range(10)), (0.0,) * 10, (1.0,) * 10,
+                     tokenized=True),
+    "NDVI": Modality("NDVI", "tok_ndvi@224", ("NDVI",), (0.327,), (0.322,), tokenized=True),
+}
+INPUT_MODALITIES: dict[str, Modality] = {**RAW_MODALITIES, **TOKENIZED_MODALITIES}
+
 # Spellings terratorch accepts for the same modality (it lower-cases and matches substrings).
 _ALIASES = {
+    "lulc": "LULC", "tok_lulc@224": "LULC", "ndvi": "NDVI", "tok_ndvi@224": "NDVI",
     "s2l2a": "S2L2A", "sen2l2a": "S2L2A", "untok_sen2l2a@224": "S2L2A",
     "s2l1c": "S2L1C", "sen2l1c": "S2L1C", "untok_sen2l1c@224": "S2L1C",
     "rgb": "RGB", "s2rgb": "RGB", "sen2rgb": "RGB", "untok_sen2rgb@224": "RGB",
@@ -73,12 +85,12 @@ def canonical_name(name: str) -> str:
     try:
         return _ALIASES[name.lower()]
     except KeyError:
-        known = ", ".join(RAW_MODALITIES)
-        raise ValueError(f"unknown modality {name!r}; known raw image modalities: {known}") from None
+        known = ", ".join(INPUT_MODALITIES)
+        raise ValueError(f"unknown modality {name!r}; known input modalities: {known}") from None
 
 
 def get_modality(name: str) -> Modality:
-    return RAW_MODALITIES[canonical_name(name)]
+    return INPUT_MODALITIES[canonical_name(name)]
 
 
 # ---- generation targets (decoder heads; their tokens decode through the modality's tokenizer) ----

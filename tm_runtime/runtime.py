@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from .backends import OrtBackend
-from .inputs import check_image, check_same_batch, resolve_names, standardize as standardize_image
+from .inputs import check_image, check_same_batch, class_map_to_one_hot, resolve_names
+from .inputs import standardize as standardize_image
 from .manifest import Manifest, load_manifest
 from .generation import (as_output_list, check_noise, check_timesteps, check_tokens, codes_for, destandardize,
                          diffusion_decode)
@@ -69,8 +70,10 @@ class TerraMindRuntime:
         """Validate (and optionally standardise) the inputs; returns float32 arrays by modality."""
         resolved = resolve_names(inputs, self.manifest.modalities)
         size = self.manifest.image_size
+        specs = self.manifest.modalities
         arrays = {
-            name: check_image(name, value, self.manifest.modalities[name], size, check_finite)
+            name: check_image(name, class_map_to_one_hot(name, value, specs[name]) if specs[name].tokenized
+                              else value, specs[name], size, check_finite)
             for name, value in resolved.items()
         }
         check_same_batch(arrays)
@@ -78,19 +81,25 @@ class TerraMindRuntime:
             arrays = {name: standardize_image(a, self.manifest.modalities[name]) for name, a in arrays.items()}
         return arrays
 
+    def _embed_one(self, name: str, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens (B, N, D), emb (1, N, D)) of one prepared input; tokenised inputs (LULC, NDVI)
+        go through their tokenizer's encoder graph first."""
+        spec = self.manifest.modalities[name]
+        if spec.tokenized:
+            ids = self.backend.run(spec.tokenize_graph, {"image": image}, ["ids"])[0]
+            t, e = self.backend.run(spec.graph, {"ids": ids.astype(np.int64)}, ["tokens", "emb"])
+        else:
+            t, e = self.backend.run(spec.graph, {"image": image}, ["tokens", "emb"])
+        return t, e
+
     def patch_embed(self, name: str, image: np.ndarray) -> np.ndarray:
-        """One modality's patch-embedding graph: (B, C, H, W) -> (B, N, D) with positions added."""
-        graph = self.manifest.modalities[name].graph
-        return self.backend.run(graph, {"image": image}, ["tokens"])[0]
+        """One modality's embedding graph(s): (B, C, H, W) -> (B, N, D) with positions added."""
+        return self._embed_one(name, image)[0]
 
     def _embed_with_context(self, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Concatenated tokens (B, N, D) and the inputs' pos + modality embeddings (1, N, D)."""
-        tokens, embs = [], []
-        for name, image in arrays.items():
-            t, e = self.backend.run(self.manifest.modalities[name].graph, {"image": image}, ["tokens", "emb"])
-            tokens.append(t)
-            embs.append(e)
-        return np.concatenate(tokens, axis=1), np.concatenate(embs, axis=1)
+        pairs = [self._embed_one(name, image) for name, image in arrays.items()]
+        return np.concatenate([t for t, _ in pairs], axis=1), np.concatenate([e for _, e in pairs], axis=1)
 
     def encode(self, tokens: np.ndarray, layers: list[int]) -> list[np.ndarray]:
         """The encoder graph on concatenated tokens (B, N, D); returns the requested layers."""

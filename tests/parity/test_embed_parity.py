@@ -130,3 +130,29 @@ def test_band_subset_matches_terratorch(tmp_path):
         ref = build_reference(cfg, log=lambda s: None)[0]({"S2L2A": torch.from_numpy(x)})
     compare(up, [t.numpy() for t in ref], REF_TOL, "reference bands")
     compare(up, TerraMindRuntime(cfg.out).embed({"S2L2A": x}, layers="all"), RUNTIME_TOL, "runtime bands")
+
+
+def test_tokenized_lulc_input_matches_terratorch(tmp_path):
+    """LULC as an input (real LULC tokenizer configuration): class map -> tokenizer -> token embedding."""
+    from tm_export import weights as W
+
+    model = REGISTRY.build("terramind_v1_tiny", pretrained=False, modalities=["S2L2A", "LULC"],
+                           merge_method="dict").eval()
+    torch.set_float32_matmul_precision("highest")
+    backbone_keys = [k for k in model.state_dict() if not k.startswith("tokenizer.")]
+    state = randomize_state(model, seed=8)
+    tok_state = W.random_state({k[len("tokenizer.tok_lulc@224."):]: v for k, v in state.items()
+                                if k.startswith("tokenizer.tok_lulc@224.")}, seed=9, keep=())
+    model.tokenizer["tok_lulc@224"].load_state_dict(tok_state, strict=True)
+    torch.save({k: state[k] for k in backbone_keys}, tmp_path / "TerraMind_v1_tiny.pt")
+    torch.save(tok_state, tmp_path / "TerraMind_Tokenizer_LULC.pt")
+    cfg = ExportConfig(size="tiny", modalities=["S2L2A", "LULC"], out=tmp_path / "out",
+                       ckpt=tmp_path / "TerraMind_v1_tiny.pt",
+                       tokenizer_ckpts={"LULC": tmp_path / "TerraMind_Tokenizer_LULC.pt"})
+    export(cfg, log=lambda s: None)
+    classes = np.stack([terramesh_tile("LULC", i)[0] for i in range(2)]).astype(np.int64)
+    s2 = np.random.default_rng(0).standard_normal((2, 12, 224, 224)).astype(np.float32)
+    with torch.no_grad():
+        up = model({"S2L2A": torch.from_numpy(s2), "LULC": torch.from_numpy(classes)})
+    ours = TerraMindRuntime(cfg.out).embed({"S2L2A": s2, "LULC": classes}, merge_method="dict", layers="all")
+    compare(up, ours, RUNTIME_TOL, "tokenized LULC")
