@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="band subsets, e.g. S2L2A=BLUE,GREEN,RED,NIR_NARROW,SWIR_1,SWIR_2")
     p.add_argument("--image-size", type=int, default=224, help="input size in pixels (positions resized bicubically)")
     p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="fp16: fp16 weights and math, fp32 for norms/softmax and the tokenizer encoders; "
+                        "float32 inputs/outputs (bf16: not supported yet)")
     p.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
     p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
     p.add_argument("--rtol", type=float, default=None, help="override the fp32 relative tolerance (1e-4)")
@@ -63,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             random_init=args.random_init, seed=args.seed, bands=parse_bands(args.bands),
             image_size=args.image_size, opset=args.opset, simplify=not args.no_simplify,
             validate=not args.no_validate, max_rel_error=args.rtol, overwrite=args.overwrite,
+            precision=args.precision,
         )
         export(config, log=lambda s: print(s, flush=True))
     except (ExportError, WeightsError, ValueError) as exc:

@@ -22,6 +22,7 @@ from tm_runtime.modalities import get_modality, get_target
 from . import weights as W
 from .bands import select_bands
 from .graphs import GraphSpec, all_specs
+from .precision import FP16_MAX_REL_ERROR, check_precision, to_fp16
 from .reference.terramind import TerraMindModel, get_variant
 from .reference.tokenizers import Tokenizer, build_tokenizer, load_tokenizer, tokenizer_config
 from .tokenizer_graphs import tokenizer_specs
@@ -54,6 +55,7 @@ class ExportConfig:
     tokenizer_ckpts: dict[str, Path] = field(default_factory=dict)
     # "official" (the checkpoints' architecture) or "small" (random-init only: fast tests/demos)
     tokenizer_size: str = "official"
+    precision: str = "fp32"  # fp16: reduced-precision graphs (see precision.py), validated against fp32
     ckpt: Path | None = None
     random_init: bool = False
     seed: int = 0
@@ -236,6 +238,9 @@ def export_graph(spec: GraphSpec, workdir: Path, config: ExportConfig, log: Call
     for leftover in workdir.glob(f".{spec.name}.raw.onnx*"):
         leftover.unlink()
     check_dims(spec, model)
+    precision = config.precision if spec.allow_reduced_precision else "fp32"
+    if precision == "fp16":
+        model = to_fp16(model)
     path = workdir / spec.file
     external = _save(model, path, config.external_data_threshold)
     entry = {
@@ -243,7 +248,9 @@ def export_graph(spec: GraphSpec, workdir: Path, config: ExportConfig, log: Call
         "external_data": [{"file": f, "sha256": sha256_file(workdir / f)} for f in external],
         "opset": config.opset, "simplified": simplified,
         "inputs": [d.to_json() for d in spec.inputs], "outputs": [d.to_json() for d in spec.outputs],
-        "precision": "fp32", "max_rel_error": config.max_rel_error or spec.max_rel_error, **spec.extra,
+        "precision": precision,
+        "max_rel_error": config.max_rel_error or (FP16_MAX_REL_ERROR if precision == "fp16" else spec.max_rel_error),
+        **spec.extra,
     }
     msg = f"exported in {time.perf_counter() - start:.1f}s"
     if config.validate:
@@ -251,6 +258,8 @@ def export_graph(spec: GraphSpec, workdir: Path, config: ExportConfig, log: Call
         result = summarize(validate_graph(spec, str(path)), entry["max_rel_error"], spec.max_mismatch)
         entry["validation"] = result
         extra = ""
+        if "argmax_agreement" in result:
+            extra += f", argmax agreement {result['argmax_agreement']:.4f}"
         if "min_psnr_db" in result and spec.extra.get("role") == "diffusion_step":
             extra += f", PSNR {result['min_psnr_db']:.1f} dB"
         if "max_mismatch" in result:
@@ -290,6 +299,7 @@ def _manifest(config: ExportConfig, model: TerraMindModel, weights: dict, graphs
     validated = [g["validation"] for g in graphs.values() if "validation" in g]
     return {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+        "precision": config.precision,
         "model": {"name": f"terramind_v1_{variant.name}", "size": variant.name, "dim": variant.dim,
                   "num_heads": variant.num_heads, "encoder_depth": variant.encoder_depth,
                   "decoder_depth": variant.decoder_depth,
@@ -323,6 +333,7 @@ def export(config: ExportConfig, log: Callable[[str], None] = print) -> dict:
     out = Path(config.out)
     if out.exists() and not config.overwrite:
         raise ExportError(f"{out} already exists; pass --overwrite to replace it")
+    check_precision(config.precision)
     start = time.perf_counter()
     model, weights = build_reference(config, log)
     tokenized = [get_modality(m).name for m in config.modalities if get_modality(m).tokenized]

@@ -41,6 +41,9 @@ class GraphSpec:
     # elements, which may be non-zero only at rounding ties.
     quantised_outputs: tuple[str, ...] = ()
     max_mismatch: float = 1e-3
+    # False keeps the graph fp32 in an fp16 export (the tokenizer encoders: FSQ rounding needs fp32
+    # to give the same ids).
+    allow_reduced_precision: bool = True
     extra: dict = field(default_factory=dict)  # goes into the manifest entry as is
 
     @property
@@ -184,7 +187,7 @@ def decoder_specs(model: TerraMindModel) -> list[GraphSpec]:
                     TensorDecl("context_emb", "float32", (1, NUM_TOKENS, dim))],
             outputs=[TensorDecl("logits", "float32", (BATCH, tokens, vocab))],
             sample=sample,
-            extra={"target": target, "vocab_size": vocab},
+            extra={"target": target, "vocab_size": vocab, "argmax_axis": -1},
         ))
     return specs
 

@@ -40,7 +40,7 @@ def tokenizer_specs(name: str, tok: Tokenizer, decoder: bool = True) -> list[Gra
         inputs=[TensorDecl("image", "float32", (BATCH, channels, size, size))],
         outputs=[TensorDecl("quant", "float32", (BATCH, latent, grid, grid)),
                  TensorDecl("ids", "int32", (BATCH, grid, grid))],
-        sample=image_sample, quantised_outputs=("quant", "ids"),
+        sample=image_sample, quantised_outputs=("quant", "ids"), allow_reduced_precision=False,
         extra={"modality": name, "role": "tokenizer_encoder"},
     ))
     if not decoder:
@@ -69,6 +69,6 @@ def tokenizer_specs(name: str, tok: Tokenizer, decoder: bool = True) -> list[Gra
             name=detokenize_graph_name(name), module=decoder,
             inputs=[TensorDecl("quant", "float32", (BATCH, latent, grid, grid))],
             outputs=[TensorDecl("logits", "float32", (BATCH, channels, size, size))],
-            sample=quant_sample, extra={"modality": name, "role": "tokenizer_decoder"},
+            sample=quant_sample, extra={"modality": name, "role": "tokenizer_decoder", "argmax_axis": 1},
         ))
     return specs

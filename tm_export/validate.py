@@ -18,6 +18,7 @@ class OutputError:
     max_rel: float  # max |got - ref| / max |ref|: relative to the output's scale, stable near zeros
     psnr_db: float | None = None  # of float outputs, over the reference's value range
     mismatch: float | None = None  # quantised outputs: fraction of elements that differ at all
+    argmax_agreement: float | None = None  # logits: fraction of positions with the same argmax
 
     def to_json(self) -> dict:
         out = {"output": self.name, "batch": self.batch, "max_abs": self.max_abs, "max_rel": self.max_rel}
@@ -25,10 +26,13 @@ class OutputError:
             out["psnr_db"] = self.psnr_db
         if self.mismatch is not None:
             out["mismatch"] = self.mismatch
+        if self.argmax_agreement is not None:
+            out["argmax_agreement"] = self.argmax_agreement
         return out
 
 
-def compare(name: str, batch: int, got: np.ndarray, ref: np.ndarray, quantised: bool = False) -> OutputError:
+def compare(name: str, batch: int, got: np.ndarray, ref: np.ndarray, quantised: bool = False,
+            argmax_axis: int | None = None) -> OutputError:
     if got.shape != ref.shape:
         raise AssertionError(f"output {name}: shape {got.shape} from ONNX Runtime, {ref.shape} from PyTorch")
     if got.dtype != ref.dtype:
@@ -48,7 +52,10 @@ def compare(name: str, batch: int, got: np.ndarray, ref: np.ndarray, quantised: 
         mse = float((diff ** 2).mean())
         span = float(ref.max() - ref.min())
         psnr = float("inf") if mse == 0 else float(10 * np.log10(span ** 2 / mse)) if span > 0 else None
-    return OutputError(name, batch, max_abs, max_rel, psnr_db=psnr)
+    agreement = None
+    if argmax_axis is not None:  # class/token logits: how often the decision is the same
+        agreement = float((got.argmax(argmax_axis) == ref.argmax(argmax_axis)).mean())
+    return OutputError(name, batch, max_abs, max_rel, psnr_db=psnr, argmax_agreement=agreement)
 
 
 def validate_graph(spec: GraphSpec, onnx_path: str, batches: tuple[int, ...] = (1, 3), seed: int = 0) -> list[OutputError]:
@@ -63,7 +70,8 @@ def validate_graph(spec: GraphSpec, onnx_path: str, batches: tuple[int, ...] = (
         ref = ref if isinstance(ref, (tuple, list)) else (ref,)
         feeds = {decl.name: t.numpy() for decl, t in zip(spec.inputs, inputs)}
         got = session.run([d.name for d in spec.outputs], feeds)
-        errors += [compare(d.name, batch, g, r.numpy(), quantised=d.name in spec.quantised_outputs)
+        errors += [compare(d.name, batch, g, r.numpy(), quantised=d.name in spec.quantised_outputs,
+                           argmax_axis=spec.extra.get("argmax_axis") if d.name == "logits" else None)
                    for d, g, r in zip(spec.outputs, got, ref)]
     return errors
 
@@ -77,6 +85,9 @@ def summarize(errors: list[OutputError], max_rel_error: float, max_mismatch: flo
     psnrs = [e.psnr_db for e in continuous if e.psnr_db is not None]
     if psnrs:
         out["min_psnr_db"] = min(psnrs)
+    agreements = [e.argmax_agreement for e in errors if e.argmax_agreement is not None]
+    if agreements:
+        out["argmax_agreement"] = min(agreements)
     mismatches = [e.mismatch for e in errors if e.mismatch is not None]
     if mismatches:
         out["max_mismatch"] = max(mismatches)
