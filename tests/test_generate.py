@@ -179,3 +179,18 @@ def test_bad_tokens(runtime):
         runtime.decode_tokens("DEM", np.zeros((1, 10, 10), np.int64))
     with pytest.raises(ValueError, match="DEM: expected 1 channels"):
         runtime.tokenize("DEM", np.zeros((1, 3, 224, 224), np.float32))
+
+
+@pytest.mark.parametrize("scheme", ["roar", "maskgit"])
+def test_multi_step_decoding(runtime, scheme):
+    x = raw_inputs(2, seed=8)
+    images, tokens = runtime.generate(x, ["LULC"], decoding_steps=3, scheme=scheme, seed=1, return_tokens=True)
+    again = runtime.generate(x, ["LULC"], decoding_steps=3, scheme=scheme, seed=1)
+    np.testing.assert_array_equal(images["LULC"], again["LULC"])
+    assert tokens["LULC"].shape == (2, 14, 14) and tokens["LULC"].max() < 4375
+    one_pass = runtime.generate(x, ["LULC"], temperature=0.0, return_tokens=True)[1]["LULC"]
+    three = runtime.generate(x, ["LULC"], temperature=0.0, decoding_steps=3, scheme=scheme, return_tokens=True)[1]
+    # later passes are conditioned on the tokens decoded earlier, so the argmax can change
+    assert (one_pass != three["LULC"]).any()
+    with pytest.raises(ValueError, match="decoding_steps must be between 1 and 196"):
+        runtime.generate(x, ["LULC"], decoding_steps=0)

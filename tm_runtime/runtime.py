@@ -12,6 +12,7 @@ from .inputs import standardize as standardize_image
 from .manifest import Manifest, load_manifest
 from .generation import (as_output_list, check_noise, check_timesteps, check_tokens, codes_for, destandardize,
                          diffusion_decode)
+from .iterative import check_decoding, iterative_decode
 from .merge import check_merge_method, merge_tokens
 from .sampling import check_sampling_args, sample_tokens
 
@@ -194,6 +195,8 @@ class TerraMindRuntime:
         return_tokens: bool = False,
         noise: Mapping[str, np.ndarray] | None = None,
         chained: bool = True,
+        decoding_steps: int = 1,
+        scheme: str = "roar",
         check_finite: bool = True,
         progress=None,
     ):
@@ -208,6 +211,8 @@ class TerraMindRuntime:
         (or, for LULC, the ViT decoder: 10-class logits) -> de-standardised if ``standardize``.
         ``standardize`` also standardises the inputs with the pretraining statistics, as upstream.
         ``noise`` optionally gives the initial diffusion noise per output (B, C, H, W).
+        ``decoding_steps > 1`` decodes the tokens in several passes with the ``scheme`` 'roar' or
+        'maskgit', feeding decoded tokens back to the encoder (an extension: see ``iterative``).
         ``progress(label, step, total)`` is called after every decoder pass and denoising step.
         Returns {name: array}, and with ``return_tokens`` also {name: ids (B, h, w)}.
         """
@@ -230,6 +235,12 @@ class TerraMindRuntime:
             if missing:
                 raise ValueError(f"chained generation feeds {', '.join(missing)} back to the encoder, but this "
                                  "export has no token-embedding graph for it; put it last or pass chained=False")
+        check_decoding(decoding_steps, scheme, self.grid * self.grid)
+        if decoding_steps > 1:
+            missing = [n for n in names if not self.manifest.targets[n].condition_graph]
+            if missing:
+                raise ValueError(f"decoding_steps > 1 feeds decoded tokens of {', '.join(missing)} back to the "
+                                 "encoder, but this export has no token-embedding graph for it")
         rng = np.random.default_rng(seed)
         context_tokens, context_emb = self._embed_with_context(arrays)
         encoded = None
@@ -237,8 +248,14 @@ class TerraMindRuntime:
         for i, name in enumerate(names):
             if encoded is None or chained:
                 encoded = self.encode(context_tokens, [self.num_layers - 1])[0]
-            logits = self.decoder_logits(name, encoded, context_emb)
-            ids = sample_tokens(logits, rng, temperature=temperature, top_k=top_k, top_p=top_p)
+            if decoding_steps == 1:
+                logits = self.decoder_logits(name, encoded, context_emb)
+                ids = sample_tokens(logits, rng, temperature=temperature, top_k=top_k, top_p=top_p)
+            else:
+                ids = np.stack([
+                    iterative_decode(self._partial_logits_fn(name, context_tokens[b:b + 1], context_emb),
+                                     self.grid * self.grid, decoding_steps, scheme, rng, temperature, top_k, top_p)
+                    for b in range(context_tokens.shape[0])])
             tokens[name] = ids.reshape(ids.shape[0], self.grid, self.grid)
             if chained and i < len(names) - 1:
                 # As upstream: a generated output conditions the ones after it, as an encoder input.
@@ -251,6 +268,22 @@ class TerraMindRuntime:
             images[name] = self.decode_tokens(name, tokens[name], timesteps, noise=noise.get(name),
                                               standardize=standardize, rng=rng, progress=progress)
         return (images, tokens) if return_tokens else images
+
+    def _partial_logits_fn(self, name: str, tokens: np.ndarray, emb: np.ndarray):
+        """For one batch row: logits of every position of ``name`` given the tokens decoded so far,
+        which join the encoder input through the output's token embedding."""
+        graph = self.manifest.targets[name].condition_graph
+
+        def logits_fn(ids: np.ndarray, known: np.ndarray) -> np.ndarray:
+            t, e = tokens, emb
+            if known.any():
+                tok, tok_emb = self.backend.run(graph, {"ids": ids.reshape(1, self.grid, self.grid)}, ["tokens", "emb"])
+                t = np.concatenate([tokens, tok[:, known]], axis=1)
+                e = np.concatenate([emb, tok_emb[:, known]], axis=1)
+            encoded = self.encode(t, [self.num_layers - 1])[0]
+            return self.decoder_logits(name, encoded, e)[0]
+
+        return logits_fn
 
     def _layer_indices(self, layers: Layers) -> tuple[list[int], bool]:
         """Normalise ``layers`` to indices; the flag says whether to return a single item."""
