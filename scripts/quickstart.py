@@ -67,10 +67,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=ROOT / "tm-quickstart" / "tiny")
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--timesteps", type=int, default=10, help="diffusion steps for generate")
+    parser.add_argument("--fast", action="store_true",
+                        help="shrunken random tokenizers (seconds instead of minutes; latency not representative)")
     args = parser.parse_args()
 
     cmd = ["tm-export", "--model", "tiny", "--modalities", *INPUTS, "--output-modalities", *OUTPUTS,
            "--random-init", "--seed", "0", "--out", str(args.out), "--overwrite"]
+    if args.fast:
+        cmd.append("--small-tokenizers")
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
 
@@ -89,6 +94,14 @@ def main() -> int:
     print(f"logits(..., 'LULC') -> {logits.shape}")
 
     single = {k: v[:1] for k, v in inputs.items()}
+    steps = []
+    start = time.perf_counter()
+    images = runtime.generate(single, OUTPUTS, timesteps=args.timesteps, seed=0,
+                              progress=lambda label, i, n: steps.append(label))
+    generate_s = time.perf_counter() - start
+    print(f"generate({INPUTS} -> {OUTPUTS}, timesteps={args.timesteps}) in {generate_s:.1f} s: "
+          + ", ".join(f"{k}: {v.shape} [{v.min():.2f}, {v.max():.2f}]" for k, v in images.items()))
+    print(f"  {len(steps)} progress events (decoder passes and denoising steps); S1GRD in dB, LULC as class logits")
     rows = [("embed, batch 1", lambda: runtime.embed(single, standardize=True)),
             ("embed, batch 2", lambda: runtime.embed(inputs, standardize=True)),
             ("logits LULC, batch 1", lambda: runtime.logits(single, "LULC", standardize=True))]
@@ -97,6 +110,7 @@ def main() -> int:
     for label, fn in rows:
         s = summarize(time_calls(fn, 3, args.iters))
         print(f"  {label:<22} " + " ".join(f"{s[k] * 1e3:>8.1f}" for k in ("mean", "p50", "p90", "p99", "min")))
+    print(f"  {'generate, batch 1':<22} {generate_s * 1e3:>8.1f}  (one run, T={args.timesteps})")
     print("\nweights were RANDOM (--random-init): numbers show speed and plumbing, not meaning.")
     assert "torch" not in sys.modules, "the runtime pulled in torch"
     return 0
