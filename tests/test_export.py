@@ -34,7 +34,7 @@ def test_manifest_contents(tiny_export):
     m = json.loads((tiny_export / "manifest.json").read_text())
     assert m["format"] == "tm-deploy-export" and m["format_version"] == 1
     assert m["model"]["size"] == "tiny" and m["model"]["dim"] == 192
-    assert m["weights"] == {"random_init": True, "seed": 7, "source": "random-init"}
+    assert m["weights"] == {"random_init": True, "seed": 7, "source": "random-init", "tokenizers": {}}
     assert list(m["modalities"]) == ["S2L2A", "S1GRD", "DEM"]
     assert m["modalities"]["S1GRD"]["bands"] == ["VV", "VH"]
     assert m["modalities"]["DEM"]["mean"] == [670.665] and m["modalities"]["DEM"]["std"] == [951.272]
@@ -163,6 +163,14 @@ def test_band_subset_and_image_size(tmp_path):
     np.testing.assert_allclose(got, ref, atol=1e-4)
 
 
+def test_no_simplify_keeps_the_declared_dims(tmp_path):
+    out = tmp_path / "raw"
+    export(ExportConfig(size="tiny", modalities=["S1GRD"], out=out, random_init=True, simplify=False), **QUIET)
+    emb = onnx.load(str(out / "embed_S1GRD.onnx"))
+    assert dims(emb.graph.output[0]) == ("batch", 196, 192)
+    assert load_manifest(out).graph("encoder").raw["simplified"] is False
+
+
 def test_bad_export_arguments(tmp_path):
     with pytest.raises(ValueError, match="unknown band.*PURPLE"):
         from tm_export.bands import parse_bands
@@ -176,3 +184,22 @@ def test_bad_export_arguments(tmp_path):
         export(ExportConfig(size="tiny", modalities=["DEM"], out=tmp_path / "x", random_init=True,
                             bands={"S1GRD": ["VV"]}), **QUIET)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_specialised_batch_is_an_error():
+    from onnx import TensorProto, helper
+
+    from tm_export.export import check_dims
+    from tm_export.graphs import GraphSpec, TensorDecl
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])  # batch baked in as 2
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["y_dim_0", "y_dim_1"])
+    model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y]))
+    spec = GraphSpec("g", module=None, inputs=[TensorDecl("x", "float32", ("batch", 4))],
+                     outputs=[TensorDecl("y", "float32", ("batch", 4))], sample=None)
+    with pytest.raises(ExportError, match=r"x was saved with shape \(2, 4\).*specialised"):
+        check_dims(spec, model)
+    x.type.tensor_type.shape.dim[0].dim_param = "N"
+    model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y]))
+    check_dims(spec, model)  # unnamed or misnamed symbolic dims get the declared names and values
+    assert dims(model.graph.input[0]) == ("batch", 4) and dims(model.graph.output[0]) == ("batch", 4)

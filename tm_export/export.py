@@ -197,7 +197,12 @@ def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def check_dims(spec: GraphSpec, model: onnx.ModelProto) -> None:
-    """The saved graph must have exactly the declared dims: symbolic ones by name, fixed ones by value."""
+    """Make the saved graph's I/O dims the declared ones, or fail if the exporter specialised one.
+
+    A declared symbolic dim saved as a number means the exporter baked in the sample's size: an
+    error. The legacy exporter also names output dims it could not infer (``Addtokens_dim_1``):
+    those get the declared name or value (validation at two batch sizes checks the real shapes).
+    """
     declared = {d.name: d for d in spec.inputs + spec.outputs}
     for value in list(model.graph.input) + list(model.graph.output):
         decl = declared.get(value.name)
@@ -205,9 +210,15 @@ def check_dims(spec: GraphSpec, model: onnx.ModelProto) -> None:
             continue
         dims = value.type.tensor_type.shape.dim
         got = tuple(d.dim_param if d.HasField("dim_param") else d.dim_value for d in dims)
-        if got != tuple(decl.shape):
+        if len(got) != len(decl.shape) or any(isinstance(w, str) and isinstance(g, int) and g > 0
+                                              for g, w in zip(got, decl.shape)):
             raise ExportError(f"graph {spec.name}: {value.name} was saved with shape {got}, declared {decl.shape} "
-                              "(the exporter specialised or renamed a dimension)")
+                              "(the exporter specialised a dimension)")
+        for dim, want in zip(dims, decl.shape):
+            if isinstance(want, str):
+                dim.dim_param = want
+            else:
+                dim.dim_value = want
 
 
 def _save(model: onnx.ModelProto, path: Path, threshold: int) -> list[str]:
