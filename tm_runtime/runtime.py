@@ -19,6 +19,27 @@ from .sampling import check_sampling_args, sample_tokens
 Layers = int | Sequence[int] | str
 
 
+def make_backend(kind, paths, manifest, export_dir, providers, threads, profile_prefix, options: dict):
+    """The engine behind the runtime (see ``TerraMindRuntime``); GPU backends import lazily."""
+    if not isinstance(kind, str):
+        if not callable(getattr(kind, "run", None)):
+            raise TypeError(f"backend must be 'ort', 'ort-cuda', 'tensorrt' or an object with run(), got {kind!r}")
+        return kind
+    if kind != "ort" and providers:
+        raise ValueError(f"providers= only applies to backend='ort', not {kind!r}")
+    if kind == "ort":
+        return OrtBackend(paths, providers=providers, threads=threads, profile_prefix=profile_prefix)
+    if kind == "ort-cuda":
+        from .backends.ort_cuda import OrtCudaBackend
+
+        return OrtCudaBackend(paths, manifest, **options)
+    if kind == "tensorrt":
+        from .backends.tensorrt import TensorRTBackend
+
+        return TensorRTBackend.from_export(export_dir, **options)
+    raise ValueError(f"backend must be 'ort', 'ort-cuda' or 'tensorrt', got {kind!r}")
+
+
 class _TokenizerInput:
     """Adapts a generation target to the input checks (channels and band names)."""
 
@@ -35,6 +56,9 @@ class TerraMindRuntime:
         providers: ONNX Runtime execution providers (default: CPU).
         threads: intra-op threads per session (default: ONNX Runtime's choice).
         verify: check every graph file against the manifest's sha256 before use.
+        backend: "ort" (ONNX Runtime with ``providers``), "ort-cuda" (IO binding on the GPU),
+            "tensorrt" (engines built/cached by tm-build-engines), or any object with ``run``.
+        backend_options: keyword arguments for the "ort-cuda" / "tensorrt" backends.
     """
 
     def __init__(
@@ -44,12 +68,15 @@ class TerraMindRuntime:
         threads: int | None = None,
         verify: bool = True,
         profile_prefix: str | None = None,
+        backend: str | object = "ort",
+        backend_options: dict | None = None,
     ) -> None:
         self.manifest: Manifest = load_manifest(export_dir)
         if verify:
             self.manifest.verify()
         paths = {name: self.manifest.graph_path(name) for name in self.manifest.graphs}
-        self.backend = OrtBackend(paths, providers=providers, threads=threads, profile_prefix=profile_prefix)
+        self.backend = make_backend(backend, paths, self.manifest, export_dir, providers, threads, profile_prefix,
+                                    backend_options or {})
         self._encoder = self.manifest.data["encoder"]
 
     # -- facts about the export -------------------------------------------------------------
