@@ -191,7 +191,7 @@ def ort_cuda():
     try:
         g = OrtCudaBackend(paths, m, enable_cuda_graph=True)
         feeds = lambda: {"x_t": np.zeros((1, 1, 224, 224), np.float32), "t": np.full((1,), 500, np.int64),  # noqa: E731
-                         "quant": np.zeros((1, 5, 14, 14), np.float32)}
+                         "quant": np.zeros((1, 5, 14, 14), np.float32), "ddim": np.array([0.9, 0.4, 0.3, 0.95], np.float32)}
         res["cuda_graph_unet_b1"] = wall(lambda: g.run_device(f"unet_{TARGET}", feeds()))
         plain = OrtCudaBackend(paths, m)
         res["plain_unet_b1"] = wall(lambda: plain.run_device(f"unet_{TARGET}", feeds()))

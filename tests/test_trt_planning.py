@@ -403,7 +403,8 @@ def _fake_engines(m, mem: FakeMemory) -> dict[str, FakeEngine]:
         lambda name, shapes: shapes["tokens"], 3_000_000, mem)
     # The UNet engine takes t as int32 (as TensorRT < 10 engines do): the backend must cast.
     unet = FakeEngine(
-        "unet_DEM", prof["unet_DEM"].inputs, {"x_t": np.float32, "t": np.int32, "quant": np.float32, "x0": np.float32},
+        "unet_DEM", prof["unet_DEM"].inputs,
+        {"x_t": np.float32, "t": np.int32, "quant": np.float32, "ddim": np.float32, "x0": np.float32},
         lambda f: {"x0": f["x_t"] + f["t"].reshape(-1, 1, 1, 1) + f["quant"].sum()},
         lambda name, shapes: shapes["x_t"], 5_000_000, mem)
     return {"encoder": encoder, "unet_DEM": unet}
@@ -454,7 +455,7 @@ def test_tensorrt_backend_logic_with_fakes(gen_export, monkeypatch):
     owned.free()
 
     feeds = {"x_t": np.ones((1, 1, 224, 224), np.float32), "t": np.array([500], np.int64),
-             "quant": np.zeros((1, 5, 14, 14), np.float32)}
+             "quant": np.zeros((1, 5, 14, 14), np.float32), "ddim": np.ones(4, np.float32)}
     x0 = backend.run("unet_DEM", feeds)[0]
     assert x0.dtype == np.float32 and float(x0.mean()) == 501.0
     backend.close()
@@ -471,14 +472,14 @@ def test_tensorrt_backend_cuda_graph_replay_with_fakes(gen_export, monkeypatch):
 
     def feeds(t: int) -> dict[str, np.ndarray]:
         return {"x_t": np.zeros((2, 1, 224, 224), np.float32), "t": np.array([t, t], np.int64),
-                "quant": np.zeros((2, 5, 14, 14), np.float32)}
+                "quant": np.zeros((2, 5, 14, 14), np.float32), "ddim": np.ones(4, np.float32)}
 
     # First call runs plainly and captures; later calls with the same shapes replay, and see new inputs.
     assert float(backend.run("unet_DEM", feeds(1))[0].max()) == 1.0 and mem.launches == 0
     assert float(backend.run("unet_DEM", feeds(7))[0].max()) == 7.0 and mem.launches == 1
     assert float(backend.run("unet_DEM", feeds(9))[0].max()) == 9.0 and mem.launches == 2
     # A new shape is a new capture.
-    one = {k: v[:1] for k, v in feeds(3).items()}
+    one = {k: (v if k == "ddim" else v[:1]) for k, v in feeds(3).items()}
     assert float(backend.run("unet_DEM", one)[0].max()) == 3.0 and mem.launches == 2
     assert float(backend.run("unet_DEM", one)[0].max()) == 3.0 and mem.launches == 3
     backend.close()

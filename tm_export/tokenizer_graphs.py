@@ -20,6 +20,23 @@ def detokenize_graph_name(modality: str) -> str:
     return f"detokenize_{modality}"
 
 
+class DDIMUNetStep(torch.nn.Module):
+    """One UNet call plus the DDIM update fused behind it: outputs the unclipped x0 prediction and
+    x_prev. ``ddim`` = [sqrt(a_prev), sqrt(1-a_prev), sqrt(a_t), sqrt(1-a_t)] from the numpy
+    scheduler; the update is elementwise, and fusing it lets a GPU runtime keep x on the device
+    for the whole loop (only these 4 numbers and t cross from the host per step)."""
+
+    def __init__(self, step: UNetStep) -> None:
+        super().__init__()
+        self.step = step
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, quant: torch.Tensor,
+                ddim: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x0 = self.step(x_t, t, quant)
+        eps = (x_t - ddim[2] * x0) / ddim[3]  # from the unclipped x0, as the scheduler does
+        return x0, ddim[0] * x0.clamp(-1.0, 1.0) + ddim[1] * eps
+
+
 def _codes(batch: int, latent: int, grid: int, gen: torch.Generator) -> torch.Tensor:
     # FSQ codes live in [0, 1]
     return torch.rand(batch, latent, grid, grid, generator=gen)
@@ -47,16 +64,20 @@ def tokenizer_specs(name: str, tok: Tokenizer, decoder: bool = True) -> list[Gra
         return specs
     if isinstance(tok.decoder, UNetStep):
         def unet_sample(batch: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+            sqrt_a = torch.rand(2, generator=gen) * 0.9 + 0.05  # sqrt(a_prev), sqrt(a_t) in (0, 1)
+            ddim = torch.stack([sqrt_a[0], (1 - sqrt_a[0] ** 2).sqrt(), sqrt_a[1], (1 - sqrt_a[1] ** 2).sqrt()])
             return (torch.randn(batch, channels, size, size, generator=gen),
                     torch.randint(0, 1000, (batch,), generator=gen),
-                    _codes(batch, latent, grid, gen))
+                    _codes(batch, latent, grid, gen), ddim)
 
         specs.append(GraphSpec(
-            name=unet_graph_name(name), module=tok.decoder,
+            name=unet_graph_name(name), module=DDIMUNetStep(tok.decoder),
             inputs=[TensorDecl("x_t", "float32", (BATCH, channels, size, size)),
                     TensorDecl("t", "int64", (BATCH,)),
-                    TensorDecl("quant", "float32", (BATCH, latent, grid, grid))],
-            outputs=[TensorDecl("x0", "float32", (BATCH, channels, size, size))],
+                    TensorDecl("quant", "float32", (BATCH, latent, grid, grid)),
+                    TensorDecl("ddim", "float32", (4,))],
+            outputs=[TensorDecl("x0", "float32", (BATCH, channels, size, size)),
+                     TensorDecl("x_prev", "float32", (BATCH, channels, size, size))],
             sample=unet_sample, extra={"modality": name, "role": "diffusion_step", "prediction": "sample"},
         ))
     else:

@@ -16,8 +16,8 @@ import numpy as np
 from .fsq import FSQ
 from .scheduler import DDIMScheduler
 
-# (x_t (B, C, H, W), t (B,) int64, codes (B, 5, h, w)) -> predicted x0
-UNetCall = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+# (x_t (B, C, H, W), t (B,) int64, codes (B, 5, h, w), DDIM coefficients (4,)) -> predicted x0
+UNetCall = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 Progress = Callable[[str, int, int], None]
 
 
@@ -78,11 +78,36 @@ def diffusion_decode(
     batch = x.shape[0]
     steps = len(scheduler.timesteps)
     for i, t in enumerate(scheduler.timesteps):
-        x0 = unet(x, np.full((batch,), int(t), dtype=np.int64), codes)
+        x0 = unet(x, np.full((batch,), int(t), dtype=np.int64), codes, scheduler.step_coefficients(int(t)))
         x = scheduler.step(x0, int(t), x)
         if progress:
             progress(label, i + 1, steps)
     return x
+
+
+def diffusion_decode_device(
+    run_device: Callable[[dict], object],
+    to_host: Callable[[object], np.ndarray],
+    codes: np.ndarray,
+    noise: np.ndarray,
+    timesteps: int,
+    progress: Progress | None = None,
+    label: str = "",
+) -> np.ndarray:
+    """The same loop for a GPU backend: the UNet graph's fused ``x_prev`` output is fed straight
+    back as the next ``x_t`` on the device; only t and the 4 DDIM coefficients go up per step,
+    and x comes down once at the end."""
+    scheduler = DDIMScheduler()
+    scheduler.set_timesteps(timesteps)
+    x: object = noise
+    batch = noise.shape[0]
+    steps = len(scheduler.timesteps)
+    for i, t in enumerate(scheduler.timesteps):
+        x = run_device({"x_t": x, "t": np.full((batch,), int(t), dtype=np.int64), "quant": codes,
+                        "ddim": scheduler.step_coefficients(int(t))})
+        if progress:
+            progress(label, i + 1, steps)
+    return to_host(x)
 
 
 def destandardize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:

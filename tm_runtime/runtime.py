@@ -11,7 +11,7 @@ from .inputs import check_image, check_same_batch, class_map_to_one_hot, resolve
 from .inputs import standardize as standardize_image
 from .manifest import Manifest, load_manifest
 from .generation import (as_output_list, check_noise, check_timesteps, check_tokens, codes_for, destandardize,
-                         diffusion_decode)
+                         diffusion_decode, diffusion_decode_device)
 from .iterative import check_decoding, iterative_decode
 from .merge import check_merge_method, merge_tokens
 from .sampling import check_sampling_args, sample_tokens
@@ -202,11 +202,29 @@ class TerraMindRuntime:
                 noise = rng.standard_normal(shape, dtype=np.float32)
             noise = check_noise(target.name, noise, shape)
 
-            def unet(x: np.ndarray, t: np.ndarray, quant: np.ndarray) -> np.ndarray:
-                return self.backend.run(f"unet_{target.name}", {"x_t": x, "t": t, "quant": quant}, ["x0"])[0]
+            graph = f"unet_{target.name}"
+            if hasattr(self.backend, "run_device"):  # GPU backends: x stays on the device
 
-            out = diffusion_decode(unet, codes, noise, timesteps, progress, target.name)
+                def step_on_device(feeds: dict) -> object:
+                    return self.backend.run_device(graph, feeds, ["x_prev"])["x_prev"]
+
+                out = diffusion_decode_device(step_on_device, self._to_host, codes, noise, timesteps, progress,
+                                              target.name)
+            else:
+
+                def unet(x: np.ndarray, t: np.ndarray, quant: np.ndarray, ddim: np.ndarray) -> np.ndarray:
+                    return self.backend.run(graph, {"x_t": x, "t": t, "quant": quant, "ddim": ddim}, ["x0"])[0]
+
+                out = diffusion_decode(unet, codes, noise, timesteps, progress, target.name)
         return destandardize(out, target.mean, target.std) if standardize else out
+
+    def _to_host(self, value: object) -> np.ndarray:
+        """A backend's device array (ORT OrtValue or our DeviceArray) as a numpy array."""
+        if isinstance(value, np.ndarray):
+            return value
+        if hasattr(value, "numpy"):
+            return np.asarray(value.numpy())
+        return value.to_host(self.backend.stream)
 
     # -- generation -------------------------------------------------------------------------
     def generate(

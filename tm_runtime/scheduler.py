@@ -80,29 +80,32 @@ class DDIMScheduler:
             raise RuntimeError("call set_timesteps() before previous_timestep() or step()")
         return int(timestep) - self.num_train_timesteps // self.num_inference_steps
 
+    def step_coefficients(self, timestep: int) -> np.ndarray:
+        """[sqrt(a_prev), sqrt(1 - a_prev), sqrt(a_t), sqrt(1 - a_t)] as float32 (4,), the only
+        per-step numbers of the update; a graph that fuses the update (the UNet graph's ``x_prev``
+        output) takes them as an input, so the loop can stay on a GPU."""
+        prev_timestep = self.previous_timestep(timestep)
+        t = int(timestep)
+        if not 0 <= t < self.num_train_timesteps:
+            raise ValueError(f"timestep must be in [0, {self.num_train_timesteps}), got {timestep}")
+        alpha_bar_t = self.alphas_cumprod[t]
+        alpha_bar_prev = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
+        # float32 so the array arithmetic stays float32, like upstream's fp32 step.
+        return np.sqrt(np.array([alpha_bar_prev, 1.0 - alpha_bar_prev, alpha_bar_t, 1.0 - alpha_bar_t])).astype(
+            np.float32)
+
     def step(self, model_output: np.ndarray, timestep: int, sample: np.ndarray) -> np.ndarray:
         """One DDIM update x_t -> x_prev from the model's x0 prediction; returns float32.
 
         The order matters and follows upstream: the noise estimate is taken from the *unclipped*
         x0, only then x0 is clamped, and x_prev = sqrt(a_prev) * x0 + sqrt(1 - a_prev) * eps.
         """
-        prev_timestep = self.previous_timestep(timestep)  # also checks set_timesteps was called
-        t = int(timestep)
-        if not 0 <= t < self.num_train_timesteps:
-            raise ValueError(f"timestep must be in [0, {self.num_train_timesteps}), got {timestep}")
+        # (coefficients first: they check set_timesteps was called and the timestep's range)
+        sqrt_a_prev, sqrt_one_minus_a_prev, sqrt_a_t, sqrt_one_minus_a_t = self.step_coefficients(timestep)
         x0 = np.asarray(model_output, dtype=np.float32)
         x_t = np.asarray(sample, dtype=np.float32)
         if x0.shape != x_t.shape:
             raise ValueError(f"model_output shape {x0.shape} differs from sample shape {x_t.shape}")
-
-        alpha_bar_t = self.alphas_cumprod[t]
-        alpha_bar_prev = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
-        # Coefficients as float32 scalars so the array arithmetic stays float32, like upstream's fp32 step.
-        sqrt_a_t = np.float32(np.sqrt(alpha_bar_t))
-        sqrt_one_minus_a_t = np.float32(np.sqrt(1.0 - alpha_bar_t))
-        sqrt_a_prev = np.float32(np.sqrt(alpha_bar_prev))
-        sqrt_one_minus_a_prev = np.float32(np.sqrt(1.0 - alpha_bar_prev))
-
         eps = (x_t - sqrt_a_t * x0) / sqrt_one_minus_a_t
         # Upstream "dynamic thresholding" clamps |x0| at max(1, min(q99.5, 1)) = 1: a plain clamp.
         x0 = np.clip(x0, -self.clip_sample_range, self.clip_sample_range)

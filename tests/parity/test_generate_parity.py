@@ -132,8 +132,13 @@ def test_one_unet_step(tiny, t):
     with torch.no_grad():
         quant = tok.tokens_to_embedding(torch.from_numpy(ids))
         ref = tok.decoder(torch.from_numpy(x_t), torch.tensor([t]), quant).numpy()
-    got = tiny["runtime"].backend.run("unet_S1GRD", {"x_t": x_t, "t": np.array([t]), "quant": quant.numpy()})[0]
+    ddim = np.array([0.9, 0.4, 0.3, 0.95], np.float32)
+    got, x_prev = tiny["runtime"].backend.run("unet_S1GRD", {"x_t": x_t, "t": np.array([t]), "quant": quant.numpy(),
+                                                             "ddim": ddim}, ["x0", "x_prev"])
     assert rel_error(got, ref) <= RUNTIME_TOL
+    # the fused DDIM update: x_prev = sqrt(a_prev) clip(x0) + sqrt(1-a_prev) (x_t - sqrt(a_t) x0) / sqrt(1-a_t)
+    expected = ddim[0] * np.clip(ref, -1, 1) + ddim[1] * (x_t - ddim[2] * ref) / ddim[3]
+    assert rel_error(x_prev, expected) <= RUNTIME_TOL
 
 
 def test_ddim_decode_with_same_tokens_and_noise(tiny):
