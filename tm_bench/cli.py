@@ -1,0 +1,85 @@
+"""tm-bench: latency, throughput and memory of a tm-deploy export on ONNX Runtime.
+
+    tm-bench embed DIR [--batch 1 8] [--warmup 3] [--iters 20] [--threads N]
+                       [--modalities ...] [--json FILE] [--compare-torch] [--ckpt PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tm_runtime.manifest import ManifestError
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tm-bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("embed", help="per-graph and end-to-end embed latency")
+    e.add_argument("export_dir", type=Path, help="directory written by tm-export")
+    e.add_argument("--batch", type=_positive, nargs="+", default=[1], help="batch sizes (default 1)")
+    e.add_argument("--warmup", type=_non_negative, default=3, help="untimed iterations first (default 3)")
+    e.add_argument("--iters", type=_positive, default=20, help="timed iterations (default 20)")
+    e.add_argument("--threads", type=_positive, default=None,
+                   help="threads for ORT intra-op, torch and the sgemm probe (default: usable cores)")
+    e.add_argument("--modalities", nargs="+", default=None, help="subset of the exported modalities")
+    e.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    e.add_argument("--ort-spinning", action="store_true",
+                   help="let ORT's intra-op threads spin-wait (ORT's own default; tm_runtime turns it off)")
+    e.add_argument("--json", type=Path, default=None, help="write every number here")
+    e.add_argument("--gap-ms", type=float, default=50.0,
+                   help="idle gap before each interleaved call, so spinning threads of the previous "
+                        "contender are asleep (default 50)")
+    e.add_argument("--markdown", type=Path, default=None, help="write the tables as Markdown here")
+    e.add_argument("--compare-torch", action="store_true",
+                   help="also time the PyTorch reference and terratorch eager (needs torch), interleaved")
+    e.add_argument("--ckpt", type=Path, default=None,
+                   help="checkpoint of a non-random export, for --compare-torch")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .embed import EmbedBenchConfig, run_embed_benchmark
+    from .report import format_markdown, format_report
+
+    config = EmbedBenchConfig(
+        export_dir=args.export_dir, batches=args.batch, warmup=args.warmup, iters=args.iters,
+        threads=args.threads, modalities=args.modalities, compare_torch=args.compare_torch,
+        ckpt=args.ckpt, seed=args.seed, ort_spinning=args.ort_spinning,
+        gap_s=args.gap_ms / 1e3,
+    )
+    try:
+        result = run_embed_benchmark(config, log=lambda s: print(s, file=sys.stderr, flush=True))
+    except (ManifestError, ValueError, RuntimeError) as exc:
+        print(f"tm-bench: error: {exc}", file=sys.stderr)
+        return 1
+    print(format_report(result))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(format_markdown(result) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Plain-text tables of a ``run_embed_benchmark`` result."""
+from __future__ import annotations
+
+from typing import Any
+
+_HEADER = ("row", "mean ms", "p50 ms", "p90 ms", "p99 ms", "min ms", "img/s", "GFLOP", "floor ms", "floor %",
+           "vs ORT GEMM %")
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f}"
+
+
+def _label(row: dict[str, Any]) -> str:
+    if row["engine"] == "onnxruntime":
+        suffix = " (interleaved)" if row["phase"] == "interleaved" else ""
+        return f"ORT {row['name']}{suffix}"
+    return f"{row['engine']} embed"
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for n, r in enumerate(rows):
+        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]
+        lines.append("  ".join(cells))
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_report(result: dict[str, Any]) -> str:
+    out: list[str] = []
+    m, s, e = result["machine"], result["settings"], result["export"]
+    gemm = result["gemm"]
+    out.append(f"machine: {m['cpu_model']}, {m['usable_cores']} usable cores, load {m.get('loadavg_1_5_15')}")
+    out.append("versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items() if v))
+    out.append(f"export: {e['dir']} ({e['model']['name']}, {'+'.join(e['modalities'])}, "
+               f"{e['model']['image_size']}px, weights {e['weights'].get('source')}, graphs "
+               + ", ".join(f"{g}={v}" for g, v in e.get("graph_variants", {}).items()) + ")")
+    out.append(f"threads {s['threads']} (ORT intra-op{', torch' if s['compare_torch'] else ''}, BLAS), "
+               f"warm-up {s['warmup']}, iterations {s['iters']}; ORT allow_spinning {s['ort'].get('allow_spinning')}, "
+               f"{s['ort'].get('graph_optimization_level')}")
+    rates = ", ".join(f"{k} {v['gflops_best']:.1f}" for k, v in gemm.items()
+                      if isinstance(v, dict) and "gflops_best" in v)
+    out.append(f"sgemm rate (GFLOP/s, best of 7 2048^3): {rates}; floor uses {gemm['rate_source']} "
+               f"{gemm['rate_gflops']:.1f} GFLOP/s")
+    sessions = ", ".join(f"{g} {t:.2f}s" for g, t in result["session_creation_s"].items())
+    out.append(f"session creation: {sessions}")
+    mem = result["memory"]
+    out.append(f"peak RSS: ORT phase {mem['peak_rss_ort_bytes'] / 2**20:.0f} MiB"
+               + (f", torch phase {mem['peak_rss_with_torch_bytes'] / 2**20:.0f} MiB"
+                  if mem.get("peak_rss_with_torch_bytes") else ""))
+    for run in result["runs"]:
+        flops = run["flops"]
+        counted = (f", FlopCounterMode on {flops['flop_counter_model']}: {flops['flop_counter'] / 1e9:.2f}"
+                   if "flop_counter" in flops else "")
+        out.append("")
+        out.append(f"batch {run['batch']}: floor = {run['floor_flops'] / 1e9:.2f} GFLOP (matmuls without attention"
+                   f"{counted}; attention adds {flops['attention'] / 1e9:.2f}) / "
+                   f"{gemm['rate_gflops']:.1f} GFLOP/s = {_ms(run['floor_s'])} ms")
+        rows = [_HEADER]
+        for r in run["rows"]:
+            lat = r["latency_s"]
+            rows.append((_label(r), _ms(lat["mean"]), _ms(lat["p50"]), _ms(lat["p90"]), _ms(lat["p99"]),
+                         _ms(lat["min"]), f"{r['throughput_images_per_s']:.2f}", f"{r['floor_flops'] / 1e9:.2f}",
+                         _ms(r["floor_s"]), f"{100 * r['floor_fraction']:.0f}%",
+                         f"{100 * r['floor_fraction_by_rate'].get('onnxruntime', float('nan')):.0f}%"))
+        out.append(_table(rows))
+        for name, ratio in run.get("speedup_of_ort", {}).items():
+            diff = run["max_abs_diff_vs_ort"][name]
+            out.append(f"ORT speed-up vs {name}: {ratio['median_ratio']:.2f}x (median/median), "
+                       f"{ratio['paired_median_ratio']:.2f}x (median of paired ratios); "
+                       f"max |diff| {diff['max_abs']:.1e} (rel {diff['max_rel']:.1e})")
+    out.append("")
+    out.append("floor % = floor time (at the fastest sgemm rate) / median; vs ORT GEMM % = the same at ONNX "
+               "Runtime's own MatMul rate; img/s = batch / median")
+    return "\n".join(out)
+
+
+def format_markdown(result: dict[str, Any]) -> str:
+    """The same tables as ``format_report``, as Markdown (for BENCHMARKS.md)."""
+    gemm = result["gemm"]
+    rates = ", ".join(f"{k} {v['gflops_best']:.0f}" for k, v in gemm.items()
+                      if isinstance(v, dict) and "gflops_best" in v)
+    m = result["machine"]
+    out = [f"Load average at start / end: {m.get('loadavg_1_5_15', ['?'])[0]:.2f} / "
+           f"{m.get('loadavg_end', ['?'])[0]:.2f}; sgemm GFLOP/s: {rates}; "
+           f"floor rate {gemm['rate_gflops']:.0f} ({gemm['rate_source']})."]
+    for run in result["runs"]:
+        out.append("")
+        out.append(f"Batch {run['batch']}: floor {run['floor_flops'] / 1e9:.2f} GFLOP -> {_ms(run['floor_s'])} ms")
+        out.append("")
+        out.append("| " + " | ".join(_HEADER) + " |")
+        out.append("|" + "---|" * len(_HEADER))
+        for r in run["rows"]:
+            lat = r["latency_s"]
+            cells = (_label(r), _ms(lat["mean"]), _ms(lat["p50"]), _ms(lat["p90"]), _ms(lat["p99"]), _ms(lat["min"]),
+                     f"{r['throughput_images_per_s']:.2f}", f"{r['floor_flops'] / 1e9:.2f}", _ms(r["floor_s"]),
+                     f"{100 * r['floor_fraction']:.0f}%",
+                     f"{100 * r['floor_fraction_by_rate'].get('onnxruntime', float('nan')):.0f}%")
+            out.append("| " + " | ".join(cells) + " |")
+        for name, ratio in run.get("speedup_of_ort", {}).items():
+            out.append(f"\nORT vs {name}: **{ratio['median_ratio']:.2f}x** (median / median), "
+                       f"{ratio['paired_median_ratio']:.2f}x (median of paired per-iteration ratios)")
+    return "\n".join(out)
