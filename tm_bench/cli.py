@@ -51,11 +51,42 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time the PyTorch reference and terratorch eager (needs torch), interleaved")
     e.add_argument("--ckpt", type=Path, default=None,
                    help="checkpoint of a non-random export, for --compare-torch")
+    g = sub.add_parser("generate", help="per-stage and end-to-end generate latency")
+    g.add_argument("export_dir", type=Path, help="directory written by tm-export with --output-modalities")
+    g.add_argument("--outputs", nargs="+", required=True, help="output modalities, e.g. S1GRD LULC")
+    g.add_argument("--timesteps", type=_positive, default=10, help="diffusion steps (default 10)")
+    g.add_argument("--batch", type=_positive, default=1, help="batch size (default 1)")
+    g.add_argument("--warmup", type=_non_negative, default=1, help="untimed runs first (default 1)")
+    g.add_argument("--iters", type=_positive, default=3, help="timed runs (default 3)")
+    g.add_argument("--threads", type=_positive, default=None, help="threads for ORT, torch and the sgemm probe")
+    g.add_argument("--seed", type=int, default=0, help="seed of the inputs and the generation")
+    g.add_argument("--json", type=Path, default=None, help="write every number here")
+    g.add_argument("--compare-torch", action="store_true",
+                   help="also time the PyTorch reference and terratorch's *_generate, interleaved (temperature 0)")
     return p
+
+
+def _generate(args) -> int:
+    from .generate import GenerateBenchConfig, format_generate_report, run_generate_benchmark
+
+    config = GenerateBenchConfig(args.export_dir, args.outputs, timesteps=args.timesteps, batch=args.batch,
+                                 warmup=args.warmup, iters=args.iters, threads=args.threads,
+                                 compare_torch=args.compare_torch, seed=args.seed)
+    result = run_generate_benchmark(config, log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(format_generate_report(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "generate":
+        try:
+            return _generate(args)
+        except (ManifestError, ValueError) as exc:
+            print(f"tm-bench: error: {exc}", file=sys.stderr)
+            return 2
     from .embed import EmbedBenchConfig, run_embed_benchmark
     from .report import format_markdown, format_report
 
