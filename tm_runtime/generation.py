@@ -62,6 +62,13 @@ def check_noise(modality: str, noise: object, shape: tuple[int, ...]) -> np.ndar
     return np.ascontiguousarray(noise, dtype=np.float32)
 
 
+def _scheduler(timesteps: int) -> DDIMScheduler:
+    """The DiVAE tokenizers' DDIM scheduler, set to ``timesteps`` denoising steps."""
+    scheduler = DDIMScheduler()
+    scheduler.set_timesteps(timesteps)
+    return scheduler
+
+
 def diffusion_decode(
     unet: UNetCall,
     codes: np.ndarray,
@@ -72,8 +79,7 @@ def diffusion_decode(
 ) -> np.ndarray:
     """DDIM from ``noise`` (B, C, H, W) conditioned on FSQ ``codes``; returns x0 in [-1, 1]
     (standardised units). The loop lives on the host; each step is one UNet graph call."""
-    scheduler = DDIMScheduler()
-    scheduler.set_timesteps(timesteps)
+    scheduler = _scheduler(timesteps)
     x = noise
     batch = x.shape[0]
     steps = len(scheduler.timesteps)
@@ -97,8 +103,7 @@ def diffusion_decode_device(
     """The same loop for a GPU backend: the UNet graph's fused ``x_prev`` output is fed straight
     back as the next ``x_t`` on the device; only t and the 4 DDIM coefficients go up per step,
     and x comes down once at the end."""
-    scheduler = DDIMScheduler()
-    scheduler.set_timesteps(timesteps)
+    scheduler = _scheduler(timesteps)
     x: object = noise
     batch = noise.shape[0]
     steps = len(scheduler.timesteps)
