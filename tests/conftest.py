@@ -20,6 +20,17 @@ def tiny_export(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_generate_export(tmp_path_factory) -> Path:
+    """tiny, S2L2A+S1GRD -> DEM, shrunken random tokenizers, unvalidated: for planning and backend tests."""
+    from tm_export.export import ExportConfig, export
+
+    out = tmp_path_factory.mktemp("exports") / "tiny_gen"
+    export(ExportConfig(size="tiny", modalities=["S2L2A", "S1GRD"], output_modalities=["DEM"], out=out,
+                        random_init=True, tokenizer_size="small", validate=False), log=lambda s: None)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_reference():
     from tm_export.export import ExportConfig, build_reference
 

@@ -21,13 +21,8 @@ D = 192  # tiny width
 
 
 @pytest.fixture(scope="module")
-def gen_export(tmp_path_factory) -> Path:
-    from tm_export.export import ExportConfig, export
-
-    out = tmp_path_factory.mktemp("trt") / "tiny_gen"
-    export(ExportConfig(size="tiny", modalities=["S2L2A", "S1GRD"], output_modalities=["DEM"], out=out,
-                        random_init=True, tokenizer_size="small", validate=False), log=lambda s: None)
-    return out
+def gen_export(small_generate_export) -> Path:
+    return small_generate_export
 
 
 def parts(**changes) -> EngineKeyParts:

@@ -8,7 +8,7 @@ import os
 import platform
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -149,18 +149,22 @@ def numpy_sgemm_gflops(threads: int, n: int = 2048, repeats: int = 7) -> dict[st
     b = rng.standard_normal((n, n), dtype=np.float32)
     out = np.empty((n, n), dtype=np.float32)
     with blas_threads(threads) as limited:
-        np.matmul(a, b, out=out)  # warm-up: BLAS thread pool start, page faults
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            np.matmul(a, b, out=out)
-            times.append(time.perf_counter() - start)
+        rates = matmul_rates(lambda: np.matmul(a, b, out=out), n, repeats)
+    return {"library": "numpy", "blas": _blas_name(), "n": n, "repeats": repeats, "threads": threads,
+            "threads_limited": limited, **rates}
+
+
+def matmul_rates(matmul: Callable[[], object], n: int, repeats: int) -> dict[str, float]:
+    """GFLOP/s of an (n x n) @ (n x n) product: best and median of ``repeats`` timed calls after
+    one warm-up call (thread pool start, page faults)."""
+    matmul()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul()
+        times.append(time.perf_counter() - start)
     flop = 2.0 * n ** 3
-    return {
-        "library": "numpy", "blas": _blas_name(), "n": n, "repeats": repeats, "threads": threads,
-        "threads_limited": limited, "gflops_best": flop / min(times) / 1e9,
-        "gflops_median": flop / sorted(times)[len(times) // 2] / 1e9,
-    }
+    return {"gflops_best": flop / min(times) / 1e9, "gflops_median": flop / sorted(times)[len(times) // 2] / 1e9}
 
 
 def _blas_name() -> str:

@@ -18,6 +18,8 @@ import torch
 from tm_runtime.manifest import Manifest, sha256_file
 from tm_runtime.modalities import get_modality
 
+from .machine import matmul_rates
+
 
 @dataclass
 class Contender:
@@ -152,13 +154,6 @@ def torch_sgemm_gflops(threads: int, n: int = 2048, repeats: int = 7) -> dict[st
     a = torch.randn(n, n, generator=gen)
     b = torch.randn(n, n, generator=gen)
     out = torch.empty(n, n)
-    torch.matmul(a, b, out=out)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.matmul(a, b, out=out)
-        times.append(time.perf_counter() - start)
-    flop = 2.0 * n ** 3
+    rates = matmul_rates(lambda: torch.matmul(a, b, out=out), n, repeats)
     return {"library": "torch", "n": n, "repeats": repeats, "threads": torch.get_num_threads(),
-            "matmul_precision": torch.get_float32_matmul_precision(),
-            "gflops_best": flop / min(times) / 1e9, "gflops_median": flop / sorted(times)[len(times) // 2] / 1e9}
+            "matmul_precision": torch.get_float32_matmul_precision(), **rates}

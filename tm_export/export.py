@@ -2,6 +2,7 @@
 renamed to ``--out`` only when everything succeeded."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -306,7 +307,7 @@ def _manifest(config: ExportConfig, model: TerraMindModel, weights: dict, graphs
                          "unet_graph": f"unet_{name}" if t.decoder == "diffusion" else None,
                          "detokenize_graph": f"detokenize_{name}" if t.decoder == "vit" else None,
                          "condition_graph": f"embed_tok_{name}" if name in model.conditioning else None,
-                         "tokenizer_config": _config_json(tok_cfg) if tok_cfg else None}
+                         "tokenizer_config": dataclasses.asdict(tok_cfg) if tok_cfg else None}
     validated = [g["validation"] for g in graphs.values() if "validation" in g]
     return {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
@@ -331,12 +332,6 @@ def _manifest(config: ExportConfig, model: TerraMindModel, weights: dict, graphs
                         "passed": all(v["passed"] for v in validated)} if config.validate else {"run": False}),
         "exporter": {**_versions(), "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")},
     }
-
-
-def _config_json(cfg) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(cfg)
 
 
 def export(config: ExportConfig, log: Callable[[str], None] = print) -> dict:

@@ -17,13 +17,8 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def gpu_export(tmp_path_factory) -> Path:
-    from tm_export.export import ExportConfig, export
-
-    out = tmp_path_factory.mktemp("gpu") / "tiny_gen"
-    export(ExportConfig(size="tiny", modalities=["S2L2A", "S1GRD"], output_modalities=["DEM"], out=out,
-                        random_init=True, tokenizer_size="small", validate=False), log=lambda s: None)
-    return out
+def gpu_export(small_generate_export) -> Path:
+    return small_generate_export
 
 
 @pytest.fixture(scope="module")

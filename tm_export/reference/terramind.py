@@ -157,7 +157,3 @@ class TerraMindModel(nn.Module):
     def target_logits(self, encoder_output: torch.Tensor, context_emb: torch.Tensor, target: str) -> torch.Tensor:
         return decode_logits(self.decoder, self.decoder_norm, self.decoder_proj_context, self.mask_token,
                              self.decoder_embedding(target), encoder_output, context_emb, self.grid)
-
-
-# The encoder-only model is the same class without targets.
-TerraMindEncoderModel = TerraMindModel
