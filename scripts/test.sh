@@ -3,8 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-$PY -m pip install --quiet -e ".[export,bench,dev,parity]"
+$PY -m pip install --quiet -e ".[export,bench,dev,parity,coords]"
 # Parity tests skip without terratorch; here they must run, so fail loudly if it cannot import.
-$PY -c "import terratorch, tifffile; from importlib.metadata import version; print('terratorch', version('terratorch'))"
+$PY -c "import terratorch, tifffile, tokenizers; from importlib.metadata import version; print('terratorch', version('terratorch'))"
 # pytest exits 5 when it collected no test: with `set -e` that fails the run, as it should.
 exec $PY -m pytest -q -rs --durations=15 "$@"

@@ -163,7 +163,7 @@ def test_output_that_is_also_an_input(tmp_path):
                         random_init=True, tokenizer_size="small", validate=False), log=lambda s: None)
     rt = TerraMindRuntime(out)
     x = random_inputs(1, 0, ["S1GRD", "DEM"])
-    with pytest.raises(ValueError, match="DEM is both an image input and an output"):
+    with pytest.raises(ValueError, match="DEM is both an input and an output"):
         rt.generate(x, ["DEM"])
     assert rt.generate({"S1GRD": x["S1GRD"]}, ["DEM"], timesteps=1)["DEM"].shape == (1, 1, 224, 224)
 

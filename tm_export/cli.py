@@ -15,14 +15,15 @@ from .weights import WeightsError
 
 def parse_paths(items: list[str]) -> dict[str, Path]:
     """``["LULC=/x/TerraMind_Tokenizer_LULC.pt"]`` -> ``{"LULC": Path(...)}``."""
-    from tm_runtime.modalities import get_target
+    from tm_runtime.modalities import COORDS, get_target, is_coords
 
     out = {}
     for item in items:
         name, sep, path = item.partition("=")
         if not sep or not path:
             raise ValueError(f"--tokenizer-ckpt takes MODALITY=PATH, got {item!r}")
-        out[get_target(name.strip()).name] = Path(path)
+        name = name.strip()
+        out[COORDS.name if is_coords(name) else get_target(name).name] = Path(path)
     return out
 
 
@@ -30,11 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tm-export", description=__doc__)
     p.add_argument("--model", required=True, choices=list(VARIANTS), help="TerraMind v1 size")
     p.add_argument("--modalities", required=True, nargs="+", metavar="MOD",
-                   help=f"input modalities to export ({', '.join(INPUT_MODALITIES)}; LULC and NDVI go through their tokenizer)")
+                   help=f"input modalities to export ({', '.join(INPUT_MODALITIES)}, coords; LULC and NDVI go "
+                        "through their tokenizer, coords through the coords tokenizer file)")
     p.add_argument("--output-modalities", nargs="+", default=[], metavar="MOD",
-                   help="generation targets: decoder graphs for S2L2A S1GRD S1RTC DEM NDVI LULC")
+                   help="generation targets: decoder graphs for S2L2A S1GRD S1RTC DEM NDVI LULC coords")
     p.add_argument("--tokenizer-ckpt", nargs="+", default=[], metavar="MOD=PATH",
-                   help="tokenizer weights (TerraMind_Tokenizer_<MOD>.pt) per output modality; default: the HF hub")
+                   help="tokenizer weights (TerraMind_Tokenizer_<MOD>.pt) per output modality, and coords=PATH "
+                        "for the coords tokenizer's config.json; default: the HF hub")
     p.add_argument("--small-tokenizers", action="store_true",
                    help="with --random-init: shrunken tokenizer architectures (fast tests and demos)")
     p.add_argument("--out", required=True, type=Path, help="export directory (written atomically)")

@@ -17,8 +17,9 @@ from pathlib import Path
 import onnx
 import torch
 
+from tm_runtime.coords import COORDS_TOKENIZER_FILE, CoordsTokenizer
 from tm_runtime.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, sha256_file
-from tm_runtime.modalities import get_modality, get_target
+from tm_runtime.modalities import COORDS, get_modality, get_target, is_coords
 
 from . import weights as W
 from .bands import select_bands
@@ -92,10 +93,10 @@ def build_reference(config: ExportConfig, log: Callable[[str], None] = print) ->
     variant = get_variant(config.size)
     if config.image_size % 16 or config.image_size < 16:
         raise ExportError(f"--image-size must be a positive multiple of 16, got {config.image_size}")
-    names = [get_modality(m).name for m in config.modalities]
+    names = [COORDS.name if is_coords(m) else get_modality(m).name for m in config.modalities]
     if len(set(names)) != len(names):
         raise ExportError(f"a modality is listed twice: {config.modalities}")
-    targets = [get_target(t).name for t in config.output_modalities]
+    targets = [COORDS.name if is_coords(t) else get_target(t).name for t in config.output_modalities]
     if len(set(targets)) != len(targets):
         raise ExportError(f"an output modality is listed twice: {config.output_modalities}")
     state = path = None
@@ -105,13 +106,16 @@ def build_reference(config: ExportConfig, log: Callable[[str], None] = print) ->
         state = W.read_state_dict(path)
     # Generated outputs condition later ones through their encoder token embedding; the official
     # checkpoints have one for every target (a checkpoint without it can still generate, unchained).
-    conditioning = [t for t in targets
-                    if state is None or f"encoder_embeddings.{get_target(t).key}.token_emb.weight" in state]
+    def key(t: str) -> str:
+        return COORDS.key if t == COORDS.name else get_target(t).key
+
+    conditioning = [t for t in targets if state is None or f"encoder_embeddings.{key(t)}.token_emb.weight" in state]
     for t in sorted(set(targets) - set(conditioning)):
         log(f"note: the checkpoint has no encoder token embedding for {t}: it cannot condition other outputs")
-    # Tokenised inputs (LULC, NDVI) enter the encoder through the same token embeddings.
-    raw = [n for n in names if not get_modality(n).tokenized]
-    tokenized = [n for n in names if get_modality(n).tokenized]
+    # Tokenised inputs (LULC, NDVI) enter the encoder through the same token embeddings; coords
+    # is a sequence input with its own embedding.
+    raw = [n for n in names if n == COORDS.name or not get_modality(n).tokenized]
+    tokenized = [n for n in names if n != COORDS.name and get_modality(n).tokenized]
     conditioning += [n for n in tokenized if n not in conditioning]
     model = TerraMindModel(variant, raw, targets, image_size=config.image_size, conditioning=conditioning)
     if config.random_init:
@@ -132,6 +136,20 @@ def build_reference(config: ExportConfig, log: Callable[[str], None] = print) ->
     return model.eval(), info
 
 
+def coords_tokenizer_path(config: ExportConfig, log: Callable[[str], None] = print) -> tuple[Path, dict]:
+    """The coords tokenizer file (a vocabulary, not weights: --random-init needs it too)."""
+    path = config.tokenizer_ckpts.get(COORDS.name)
+    source = "file" if path else "huggingface_hub"
+    path = Path(path) if path else W.hub_tokenizer(COORDS.name)
+    log(f"tokenizer coords: {path}")
+    if not path.is_file():
+        raise W.WeightsError(f"coords tokenizer file {path} does not exist")
+    info = {"source": source, "file": path.name, "sha256": sha256_file(path)}
+    if source == "huggingface_hub":
+        info["repo_id"] = W.HUB_TOKENIZERS[COORDS.name][0]
+    return path, info
+
+
 def build_tokenizers(config: ExportConfig, targets: list[str],
                      log: Callable[[str], None] = print) -> tuple[dict[str, Tokenizer], dict]:
     """The tokenizer of every target: from --tokenizer-ckpt, the HF hub, or random (with --random-init)."""
@@ -139,10 +157,11 @@ def build_tokenizers(config: ExportConfig, targets: list[str],
         raise ExportError(f"tokenizer size must be 'official' or 'small', got {config.tokenizer_size!r}")
     if config.tokenizer_size == "small" and not config.random_init:
         raise ExportError("small tokenizers exist only with --random-init (no checkpoint has that shape)")
-    unknown = sorted(set(config.tokenizer_ckpts) - set(targets))
+    targets = [t for t in targets if t != COORDS.name]  # coords' file: see coords_tokenizer_path
+    unknown = sorted(set(config.tokenizer_ckpts) - set(targets) - {COORDS.name})
     if unknown:
         raise ExportError(f"--tokenizer-ckpt names {', '.join(unknown)}, which is neither an output modality "
-                          "nor a tokenised input (LULC, NDVI)")
+                          "nor a tokenised input (LULC, NDVI, coords)")
     tokenizers, info = {}, {}
     for i, name in enumerate(targets):
         changes = SMALL_TOKENIZER if config.tokenizer_size == "small" else {}
@@ -284,10 +303,10 @@ def export_graph(spec: GraphSpec, workdir: Path, config: ExportConfig, log: Call
 
 
 def _manifest(config: ExportConfig, model: TerraMindModel, weights: dict, graphs: dict,
-              tokenizers: dict[str, Tokenizer] | None = None) -> dict:
+              tokenizers: dict[str, Tokenizer] | None = None, files: dict | None = None) -> dict:
     variant = model.variant
     modalities = {}
-    for name in (get_modality(m).name for m in config.modalities):
+    for name in (get_modality(m).name for m in config.modalities if not is_coords(m)):
         mod = get_modality(name)
         bands = config.bands.get(name, list(mod.bands))
         idx = [mod.bands.index(b) for b in bands]
@@ -309,6 +328,15 @@ def _manifest(config: ExportConfig, model: TerraMindModel, weights: dict, graphs
                          "condition_graph": f"embed_tok_{name}" if name in model.conditioning else None,
                          "tokenizer_config": dataclasses.asdict(tok_cfg) if tok_cfg else None}
     validated = [g["validation"] for g in graphs.values() if "validation" in g]
+    coords = None
+    if model.coords_input or model.coords_target:
+        coords = {"key": COORDS.key, "input": model.coords_input, "output": model.coords_target,
+                  "embed_graph": "embed_coords" if model.coords_conditioning else None,
+                  "decoder_graph": "decoder_coords" if model.coords_target else None,
+                  "tokenizer_file": COORDS_TOKENIZER_FILE, "vocab_size": COORDS.vocab_size,
+                  "max_length": COORDS.max_length, "eos_id": COORDS.eos_id, "start_id": COORDS.start_id,
+                  "end_id": COORDS.end_id, "grid_degrees": COORDS.grid_degrees,
+                  "text_format": "lat={lat:.2f} lon={lon:.2f} [EOS]"}
     return {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
         "precision": config.precision,
@@ -320,6 +348,8 @@ def _manifest(config: ExportConfig, model: TerraMindModel, weights: dict, graphs
         "weights": weights,
         "modalities": modalities,
         "targets": targets,
+        "coords": coords,
+        "files": files or {},
         # The DiVAE tokenizers' DDIM scheduler (tm_runtime.scheduler implements exactly this).
         "scheduler": {"type": "DDIM", "num_train_timesteps": 1000, "beta_schedule": "linear",
                       "beta_start": 1e-4, "beta_end": 0.02, "rescale_zero_terminal_snr": True,
@@ -342,9 +372,20 @@ def export(config: ExportConfig, log: Callable[[str], None] = print) -> dict:
     check_precision(config.precision)
     start = time.perf_counter()
     model, weights = build_reference(config, log)
-    tokenized = [get_modality(m).name for m in config.modalities if get_modality(m).tokenized]
+    tokenized = [get_modality(m).name for m in config.modalities if not is_coords(m) and get_modality(m).tokenized]
     needed = list(model.targets) + [n for n in tokenized if n not in model.targets]
+    if COORDS.name in config.tokenizer_ckpts and not (model.coords_input or model.coords_target):
+        raise ExportError("--tokenizer-ckpt names coords, which is neither in --modalities nor in --output-modalities")
+    if model.coords_input or model.coords_target:
+        needed.append(COORDS.name)
+        coords_file, coords_info = coords_tokenizer_path(config, log)
+        try:
+            CoordsTokenizer(coords_file)  # fails on a file that does not fit TerraMind's coords vocabulary
+        except ValueError as exc:
+            raise ExportError(str(exc)) from exc
     tokenizers, weights["tokenizers"] = build_tokenizers(config, needed, log)
+    if COORDS.name in needed:
+        weights["tokenizers"][COORDS.name] = coords_info
     specs = all_specs(model) + [s for name, tok in tokenizers.items()
                                 for s in tokenizer_specs(name, tok, decoder=name in model.targets)]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -354,7 +395,12 @@ def export(config: ExportConfig, log: Callable[[str], None] = print) -> dict:
         for i, spec in enumerate(specs, 1):
             log(f"[{i}/{len(specs)}] {spec.name}")
             graphs[spec.name] = export_graph(spec, workdir, config, log)
-        manifest = _manifest(config, model, weights, graphs, tokenizers)
+        files = {}
+        if COORDS.name in needed:
+            shutil.copyfile(coords_file, workdir / COORDS_TOKENIZER_FILE)
+            files["coords_tokenizer"] = {"file": COORDS_TOKENIZER_FILE,
+                                         "sha256": sha256_file(workdir / COORDS_TOKENIZER_FILE)}
+        manifest = _manifest(config, model, weights, graphs, tokenizers, files)
         (workdir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
         failed = [n for n, g in graphs.items() if not g.get("validation", {"passed": True})["passed"]]
         if failed:

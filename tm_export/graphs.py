@@ -9,10 +9,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from tm_runtime.modalities import COORDS
+
 from .reference.terramind import TerraMindModel
 
 BATCH = "batch"
 NUM_TOKENS = "num_tokens"
+SEQ_LEN = "seq_len"
 
 
 @dataclass(frozen=True)
@@ -192,5 +195,65 @@ def decoder_specs(model: TerraMindModel) -> list[GraphSpec]:
     return specs
 
 
+class CoordsEmbedGraph(nn.Module):
+    def __init__(self, model: TerraMindModel) -> None:
+        super().__init__()
+        self.embedding = model.coords_embedding
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.embedding(ids)
+
+
+class CoordsDecoderGraph(nn.Module):
+    """(encoder output, context emb, ids so far) -> causal logits of every position; the runtime's
+    autoregressive loop calls it once per generated token (at most three times)."""
+
+    def __init__(self, model: TerraMindModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, encoder_output: torch.Tensor, context_emb: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.coords_logits(encoder_output, context_emb, ids)
+
+
+def _coords_ids(batch: int, gen: torch.Generator, length: int = 3) -> torch.Tensor:
+    return torch.randint(0, COORDS.vocab_size, (batch, length), generator=gen)
+
+
+def coords_specs(model: TerraMindModel) -> list[GraphSpec]:
+    """``embed_coords`` (ids -> encoder tokens: a coords input, or a generated coords output that
+    conditions later outputs) and ``decoder_coords``; the sequence length is symbolic."""
+    dim, tokens = model.variant.dim, model.grid ** 2
+    specs = []
+    if model.coords_conditioning:
+        specs.append(GraphSpec(
+            name="embed_coords", module=CoordsEmbedGraph(model),
+            inputs=[TensorDecl("ids", "int64", (BATCH, SEQ_LEN))],
+            outputs=[TensorDecl("tokens", "float32", (BATCH, SEQ_LEN, dim)),
+                     TensorDecl("emb", "float32", (1, SEQ_LEN, dim))],
+            sample=lambda batch, gen: (_coords_ids(batch, gen),),
+            extra={"modality": COORDS.name, "role": "sequence_embedding", "vocab_size": COORDS.vocab_size},
+        ))
+    if model.coords_target:
+        num_modalities = max(len(model.names), 1)
+
+        def sample(batch: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+            n = tokens * num_modalities + 3  # image tokens and a coords input's three
+            return (torch.randn(batch, n, dim, generator=gen), torch.randn(1, n, dim, generator=gen),
+                    _coords_ids(batch, gen))
+
+        specs.append(GraphSpec(
+            name=decoder_graph_name(COORDS.name), module=CoordsDecoderGraph(model),
+            inputs=[TensorDecl("encoder_output", "float32", (BATCH, NUM_TOKENS, dim)),
+                    TensorDecl("context_emb", "float32", (1, NUM_TOKENS, dim)),
+                    TensorDecl("ids", "int64", (BATCH, SEQ_LEN))],
+            outputs=[TensorDecl("logits", "float32", (BATCH, SEQ_LEN, COORDS.vocab_size))],
+            sample=sample,
+            extra={"target": COORDS.name, "vocab_size": COORDS.vocab_size, "argmax_axis": -1, "causal": True},
+        ))
+    return specs
+
+
 def all_specs(model: TerraMindModel) -> list[GraphSpec]:
-    return embedding_specs(model) + token_embedding_specs(model) + [encoder_spec(model)] + decoder_specs(model)
+    return (embedding_specs(model) + token_embedding_specs(model) + coords_specs(model) + [encoder_spec(model)]
+            + decoder_specs(model))

@@ -21,6 +21,8 @@ HUB_TOKENIZERS: dict[str, tuple[str, str]] = {
     m: (f"ibm-esa-geospatial/TerraMind-1.0-Tokenizer-{m}", f"TerraMind_Tokenizer_{m}.pt")
     for m in TOKENIZER_MODALITIES
 }
+# The coords "tokenizer" is a Hugging Face tokenizers vocabulary file, not weights.
+HUB_TOKENIZERS["coords"] = ("ibm-esa-geospatial/TerraMind-1.0-Tokenizer-Coords", "config.json")
 
 
 class WeightsError(RuntimeError):

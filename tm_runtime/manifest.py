@@ -106,6 +106,23 @@ class TargetEntry:
                    d.get("condition_graph"))
 
 
+@dataclass(frozen=True)
+class CoordsEntry:
+    """The coords sequence modality: as an input, an output, or both; its tokenizer file."""
+
+    input: bool
+    output: bool
+    embed_graph: str | None  # ids -> encoder tokens (a coords input, or a chained coords output)
+    decoder_graph: str | None  # causal decoder: (context, ids so far) -> logits
+    tokenizer_file: str
+    max_length: int
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "CoordsEntry":
+        return cls(bool(d["input"]), bool(d["output"]), d.get("embed_graph"), d.get("decoder_graph"),
+                   d["tokenizer_file"], int(d["max_length"]))
+
+
 @dataclass
 class Manifest:
     directory: Path
@@ -113,6 +130,7 @@ class Manifest:
     graphs: dict[str, GraphEntry]
     modalities: dict[str, ModalityEntry]
     targets: dict[str, TargetEntry] = field(default_factory=dict)
+    coords: CoordsEntry | None = None
 
     @property
     def model(self) -> dict[str, Any]:
@@ -136,20 +154,25 @@ class Manifest:
         return self.directory / self.graph(name).file
 
     def verify(self, names: list[str] | None = None) -> None:
-        """Check every file (graph and external data) against the sha256 the manifest records."""
+        """Check every file (graphs, external data, other files such as the coords tokenizer)
+        against the sha256 the manifest records; ``names`` limits the check to those graphs."""
+        checks = []
         for name in names if names is not None else list(self.graphs):
             entry = self.graph(name)
-            files = [(entry.file, entry.sha256)] + [(e["file"], e["sha256"]) for e in entry.external_data]
-            for rel, expected in files:
-                path = self.directory / rel
-                if not path.is_file():
-                    raise ManifestError(f"graph {name!r}: file {rel} is missing from {self.directory}")
-                actual = sha256_file(path)
-                if actual != expected:
-                    raise ManifestError(
-                        f"graph {name!r}: {rel} has sha256 {actual[:16]}…, manifest expects {expected[:16]}… "
-                        "(the file was modified or truncated; re-export)"
-                    )
+            checks += [(f"graph {name!r}", entry.file, entry.sha256)]
+            checks += [(f"graph {name!r}", e["file"], e["sha256"]) for e in entry.external_data]
+        if names is None:
+            checks += [(f"file {key!r}", f["file"], f["sha256"]) for key, f in self.data.get("files", {}).items()]
+        for what, rel, expected in checks:
+            path = self.directory / rel
+            if not path.is_file():
+                raise ManifestError(f"{what}: file {rel} is missing from {self.directory}")
+            actual = sha256_file(path)
+            if actual != expected:
+                raise ManifestError(
+                    f"{what}: {rel} has sha256 {actual[:16]}…, manifest expects {expected[:16]}… "
+                    "(the file was modified or truncated; re-export)"
+                )
 
 
 def load_manifest(export_dir: str | Path) -> Manifest:
@@ -175,4 +198,5 @@ def load_manifest(export_dir: str | Path) -> Manifest:
         for name, m in data["modalities"].items()
     }
     targets = {name: TargetEntry.from_json(name, t) for name, t in data.get("targets", {}).items()}
-    return Manifest(directory, data, graphs, modalities, targets)
+    coords = CoordsEntry.from_json(data["coords"]) if data.get("coords") else None
+    return Manifest(directory, data, graphs, modalities, targets, coords)

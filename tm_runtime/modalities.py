@@ -146,3 +146,34 @@ def get_target(name: str) -> Target:
     if key is None:
         raise ValueError(f"unknown output modality {name!r}; TerraMind generates {', '.join(TARGETS)}")
     return TARGETS[key]
+
+
+# ---- coordinates: a sequence modality (input and output), tokenised on the host ----
+@dataclass(frozen=True)
+class SequenceModality:
+    """Geographic coordinates, TerraMind's one sequence modality in v1.
+
+    An input (B, 2) array of [lon, lat] is snapped to the 0.25 degree grid and written as the text
+    ``"lat={lat:.2f} lon={lon:.2f} [EOS]"``, which the coords tokenizer file (Hugging Face
+    ``tokenizers`` JSON) turns into ids. As an output, the decoder writes the sequence token by
+    token after the sentinel [S_1] until it emits [S_2] or fills ``max_length - 1`` slots; the
+    ids below are those TerraMind v1 was trained with (upstream hard-codes them too).
+    """
+
+    name: str = "coords"
+    key: str = "coords"
+    vocab_size: int = 30_000
+    max_length: int = 4  # decoder slots: [S_1] + up to three generated tokens
+    eos_id: int = 3  # [EOS], ends an input sequence
+    start_id: int = 5  # [S_1], the first decoder input
+    end_id: int = 6  # [S_2], ends generation
+    grid_degrees: float = 0.25
+
+
+COORDS = SequenceModality()
+_COORDS_ALIASES = ("coords", "coordinates", "location")
+
+
+def is_coords(name: object) -> bool:
+    """Whether a user name means the coordinates modality (terratorch maps 'location' to coords)."""
+    return isinstance(name, str) and name.lower() in _COORDS_ALIASES

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from .backends import OrtBackend
+from .context import EncoderContext, per_group
+from .coords import COORDS_TOKENIZER_FILE, CoordsTokenizer, autoregressive_decode
 from .inputs import check_image, check_same_batch, class_map_to_one_hot, resolve_names
 from .inputs import standardize as standardize_image
 from .manifest import Manifest, load_manifest
@@ -14,6 +16,7 @@ from .generation import (as_output_list, check_noise, check_timesteps, check_tok
                          diffusion_decode, diffusion_decode_device)
 from .iterative import check_decoding, iterative_decode
 from .merge import check_merge_method, merge_tokens
+from .modalities import COORDS, is_coords
 from .sampling import check_sampling_args, sample_tokens
 
 Layers = int | Sequence[int] | str
@@ -78,11 +81,14 @@ class TerraMindRuntime:
         self.backend = make_backend(backend, paths, self.manifest, export_dir, providers, threads, profile_prefix,
                                     backend_options or {})
         self._encoder = self.manifest.data["encoder"]
+        self._coords_tokenizer: CoordsTokenizer | None = None
 
     # -- facts about the export -------------------------------------------------------------
     @property
     def modalities(self) -> list[str]:
-        return list(self.manifest.modalities)
+        """Input modalities: the image ones, then coords if it was exported as an input."""
+        coords = self.manifest.coords
+        return list(self.manifest.modalities) + ([COORDS.name] if coords and coords.input else [])
 
     @property
     def num_layers(self) -> int:
@@ -91,6 +97,56 @@ class TerraMindRuntime:
     @property
     def random_weights(self) -> bool:
         return self.manifest.random_weights
+
+    # -- coords -----------------------------------------------------------------------------
+    @property
+    def coords_tokenizer(self) -> CoordsTokenizer:
+        if self.manifest.coords is None:
+            raise ValueError("this export has no coords; re-export with coords in --modalities or --output-modalities")
+        if self._coords_tokenizer is None:
+            self._coords_tokenizer = CoordsTokenizer(self.manifest.directory / self.manifest.coords.tokenizer_file)
+        return self._coords_tokenizer
+
+    def _split_coords(self, inputs: Mapping[str, object]) -> tuple[dict[str, object], np.ndarray | None]:
+        """(image inputs in the caller's order, coords ids (B, L) or None)."""
+        if not isinstance(inputs, Mapping):
+            raise TypeError(f"inputs must be a dict of modality name -> numpy array, got {type(inputs).__name__}")
+        keys = [k for k in inputs if is_coords(k)]
+        if not keys:
+            return dict(inputs), None
+        if len(keys) > 1:
+            raise ValueError(f"coords given twice (as {', '.join(map(repr, keys))})")
+        if not (self.manifest.coords and self.manifest.coords.input):
+            raise ValueError(f"unknown modality {keys[0]!r} for this export: coords was not exported as an input "
+                             f"(exported modalities: {', '.join(self.modalities)}); re-export with coords in --modalities")
+        return {k: v for k, v in inputs.items() if k != keys[0]}, self.coords_tokenizer.encode(inputs[keys[0]])
+
+    def _prepare_inputs(self, inputs: Mapping[str, object], standardize: bool,
+                        check_finite: bool) -> tuple[dict[str, np.ndarray], np.ndarray | None, list[str]]:
+        """Checked image arrays, coords ids, and every input's name in the caller's order."""
+        images, coords = self._split_coords(inputs)
+        arrays = self.prepare(images, standardize, check_finite) if images or coords is None else {}
+        if coords is not None and arrays:
+            batch = next(iter(arrays.values())).shape[0]
+            if coords.shape[0] != batch:
+                raise ValueError(f"all modalities must have the same batch size, got coords={coords.shape[0]}, "
+                                 + ", ".join(f"{n}={a.shape[0]}" for n, a in arrays.items()))
+        order = [COORDS.name if is_coords(k) else None for k in inputs]
+        image_names = iter(arrays)
+        return arrays, coords, [n if n else next(image_names) for n in order]
+
+    def embed_coords(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Coords ids (B, L) -> encoder tokens (B, L, D) and their pos + modality embedding (1, L, D)."""
+        graph = self.manifest.coords.embed_graph if self.manifest.coords else None
+        if graph is None:
+            raise ValueError("this export has no coords embedding graph")
+        return tuple(self.backend.run(graph, {"ids": np.ascontiguousarray(ids, dtype=np.int64)}, ["tokens", "emb"]))
+
+    def _input_parts(self, arrays: dict[str, np.ndarray], coords: np.ndarray | None,
+                     order: list[str]) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        """(name, tokens (B, n, D), emb (1, n, D)) of every input, in the caller's order."""
+        return [(name, *(self.embed_coords(coords) if name == COORDS.name else self._embed_one(name, arrays[name])))
+                for name in order]
 
     # -- embedding --------------------------------------------------------------------------
     def prepare(self, inputs: Mapping[str, np.ndarray], standardize: bool = False,
@@ -124,10 +180,12 @@ class TerraMindRuntime:
         """One modality's embedding graph(s): (B, C, H, W) -> (B, N, D) with positions added."""
         return self._embed_one(name, image)[0]
 
-    def _embed_with_context(self, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def _embed_with_context(self, arrays: dict[str, np.ndarray],
+                            coords: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Concatenated tokens (B, N, D) and the inputs' pos + modality embeddings (1, N, D)."""
-        pairs = [self._embed_one(name, image) for name, image in arrays.items()]
-        return np.concatenate([t for t, _ in pairs], axis=1), np.concatenate([e for _, e in pairs], axis=1)
+        order = list(arrays) + ([COORDS.name] if coords is not None else [])
+        parts = self._input_parts(arrays, coords, order)
+        return np.concatenate([t for _, t, _ in parts], axis=1), np.concatenate([e for _, _, e in parts], axis=1)
 
     def encode(self, tokens: np.ndarray, layers: list[int]) -> list[np.ndarray]:
         """The encoder graph on concatenated tokens (B, N, D); returns the requested layers."""
@@ -137,7 +195,8 @@ class TerraMindRuntime:
     # -- decoding ---------------------------------------------------------------------------
     @property
     def output_modalities(self) -> list[str]:
-        return list(self.manifest.targets)
+        coords = self.manifest.coords
+        return list(self.manifest.targets) + ([COORDS.name] if coords and coords.output else [])
 
     def _target(self, modality: str):
         from .modalities import get_target
@@ -149,9 +208,10 @@ class TerraMindRuntime:
                              f"re-export with --output-modalities {name}")
         return self.manifest.targets[name]
 
-    def encode_context(self, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def encode_context(self, arrays: dict[str, np.ndarray],
+                       coords: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Run the encoder once: (normed last layer (B, N, D), context embeddings (1, N, D))."""
-        tokens, emb = self._embed_with_context(arrays)
+        tokens, emb = self._embed_with_context(arrays, coords)
         return self.encode(tokens, [self.num_layers - 1])[0], emb
 
     def decoder_logits(self, modality: str, encoder_output: np.ndarray, context_emb: np.ndarray) -> np.ndarray:
@@ -162,11 +222,48 @@ class TerraMindRuntime:
     def logits(self, inputs: Mapping[str, np.ndarray], modality: str, standardize: bool = False,
                check_finite: bool = True) -> np.ndarray:
         """The decoder's logits (B, N, V) for one output modality, in position order (row-major
-        over the token grid), for custom sampling or uncertainty maps."""
+        over the token grid), for custom sampling or uncertainty maps. (coords is decoded token by
+        token: see ``coords_logits``.)"""
+        if is_coords(modality):
+            raise ValueError("coords is generated token by token; use coords_logits(inputs, ids) for the logits "
+                             "of a given sequence, or generate(inputs, ['coords'])")
         target = self._target(modality)
-        arrays = self.prepare(inputs, standardize=standardize, check_finite=check_finite)
-        encoded, emb = self.encode_context(arrays)
+        arrays, coords, _ = self._prepare_inputs(inputs, standardize, check_finite)
+        encoded, emb = self.encode_context(arrays, coords)
         return self.decoder_logits(target.name, encoded, emb)
+
+    def coords_logits(self, inputs: Mapping[str, np.ndarray], ids: np.ndarray, standardize: bool = False,
+                      check_finite: bool = True) -> np.ndarray:
+        """Causal decoder logits (B, L, V) of the coords sequence ``ids`` (B, L) ([S_1] first):
+        position i scores the token after ids[:, i], seeing ids[:, :i + 1] only."""
+        graph = self._coords_output()
+        ids = np.asarray(ids)
+        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or not 1 <= ids.shape[1] <= COORDS.max_length - 1:
+            raise ValueError(f"coords: ids must be an integer array (batch, L) with 1 <= L <= {COORDS.max_length - 1}, "
+                             f"got {ids.dtype} {tuple(ids.shape)}")
+        if ids.min() < 0 or ids.max() >= COORDS.vocab_size:
+            raise ValueError(f"coords: token ids must lie in [0, {COORDS.vocab_size}), got [{ids.min()}, {ids.max()}]")
+        arrays, coords, _ = self._prepare_inputs(inputs, standardize, check_finite)
+        encoded, emb = self.encode_context(arrays, coords)
+        if ids.shape[0] != encoded.shape[0]:
+            raise ValueError(f"coords: ids have batch {ids.shape[0]}, the inputs {encoded.shape[0]}")
+        return self.backend.run(graph, {"encoder_output": encoded, "context_emb": emb,
+                                        "ids": ids.astype(np.int64)}, ["logits"])[0]
+
+    def _coords_output(self) -> str:
+        """The coords decoder graph, or an error saying how to export it."""
+        coords = self.manifest.coords
+        if coords is None or not coords.output:
+            exported = ", ".join(self.output_modalities) or "none"
+            raise ValueError(f"output modality coords was not exported (exported targets: {exported}); "
+                             "re-export with --output-modalities coords")
+        return coords.decoder_graph
+
+    def _output_name(self, modality: str) -> str:
+        if is_coords(modality):
+            self._coords_output()
+            return COORDS.name
+        return self._target(modality).name
 
     # -- tokenizers -------------------------------------------------------------------------
     @property
@@ -174,7 +271,10 @@ class TerraMindRuntime:
         return self.manifest.image_size // 16
 
     def tokenize(self, modality: str, image: np.ndarray, check_finite: bool = True) -> np.ndarray:
-        """A (standardised) image (B, C, H, W) -> token ids (B, h, w) with the modality's tokenizer."""
+        """A (standardised) image (B, C, H, W) -> token ids (B, h, w) with the modality's tokenizer;
+        for coords, (B, 2) [lon, lat] -> ids (B, L) with the coords tokenizer file."""
+        if is_coords(modality):
+            return self.coords_tokenizer.encode(image)
         target = self._target(modality)
         spec = _TokenizerInput(target)
         array = check_image(target.name, image, spec, self.manifest.image_size, check_finite)
@@ -186,8 +286,11 @@ class TerraMindRuntime:
         """Token ids (B, h, w) -> image (B, C, H, W), in standardised units unless ``standardize``.
 
         Diffusion targets run ``timesteps`` DDIM steps from ``noise`` (B, C, H, W) (drawn from the
-        seeded Generator when None); LULC returns its (B, 10, H, W) class logits in one pass.
+        seeded Generator when None); LULC returns its (B, 10, H, W) class logits in one pass;
+        coords ids (B, L) give (B, 2) [lon, lat] (NaN for a row that does not spell coordinates).
         """
+        if is_coords(modality):
+            return self.coords_tokenizer.decode(tokens)
         target = self._target(modality)
         timesteps = check_timesteps(timesteps)
         ids = check_tokens(target.name, tokens, target.vocab_size, self.grid)
@@ -259,60 +362,100 @@ class TerraMindRuntime:
         ``decoding_steps > 1`` decodes the tokens in several passes with the ``scheme`` 'roar' or
         'maskgit', feeding decoded tokens back to the encoder (an extension: see ``iterative``).
         ``progress(label, step, total)`` is called after every decoder pass and denoising step.
-        Returns {name: array}, and with ``return_tokens`` also {name: ids (B, h, w)}.
+        Coords (when exported): as an input, a (B, 2) array of [lon, lat] degrees; as an output,
+        generated token by token over the causal decoder graph (at most three steps) and returned
+        as (B, 2) float64 [lon, lat], NaN for a row that did not spell coordinates.
+        Returns {name: array}, and with ``return_tokens`` also {name: ids (B, h, w)} (coords:
+        the generated ids (B, L), right-padded with [PAD]).
         """
-        names = [self._target(m).name for m in as_output_list(output_modalities)]
+        names = [self._output_name(m) for m in as_output_list(output_modalities)]
         if len(set(names)) != len(names):
             raise ValueError(f"an output modality is listed twice: {list(output_modalities)}")
         timesteps = check_timesteps(timesteps)
         check_sampling_args(temperature, top_k, top_p)
         noise = dict(noise or {})
-        unknown_noise = sorted(set(noise) - set(names))
+        unknown_noise = sorted(set(noise) - set(names) | ({COORDS.name} & set(noise)))
         if unknown_noise:
-            raise ValueError(f"noise given for {', '.join(unknown_noise)}, which is not among the outputs {names}")
-        arrays = self.prepare(inputs, standardize=standardize, check_finite=check_finite)
-        clash = [n for n in names if n in arrays]
+            raise ValueError(f"noise given for {', '.join(unknown_noise)}, which is not among the diffusion outputs "
+                             f"{[n for n in names if n != COORDS.name]}")
+        arrays, coords_in, order = self._prepare_inputs(inputs, standardize, check_finite)
+        clash = [n for n in names if n in order]
         if clash:
-            raise ValueError(f"{', '.join(clash)} is both an image input and an output; TerraMind generates "
+            raise ValueError(f"{', '.join(clash)} is both an input and an output; TerraMind generates "
                              "outputs from the other inputs (drop it from one of them)")
         if chained:
-            missing = [n for n in names[:-1] if not self.manifest.targets[n].condition_graph]
+            missing = [n for n in names[:-1] if not self._condition_graph(n)]
             if missing:
                 raise ValueError(f"chained generation feeds {', '.join(missing)} back to the encoder, but this "
                                  "export has no token-embedding graph for it; put it last or pass chained=False")
         check_decoding(decoding_steps, scheme, self.grid * self.grid)
+        image_names = [n for n in names if n != COORDS.name]
         if decoding_steps > 1:
-            missing = [n for n in names if not self.manifest.targets[n].condition_graph]
+            missing = [n for n in image_names if not self._condition_graph(n)]
             if missing:
                 raise ValueError(f"decoding_steps > 1 feeds decoded tokens of {', '.join(missing)} back to the "
                                  "encoder, but this export has no token-embedding graph for it")
         rng = np.random.default_rng(seed)
-        context_tokens, context_emb = self._embed_with_context(arrays)
-        encoded = None
+        parts = self._input_parts(arrays, coords_in, order)
+        batch = parts[0][1].shape[0]
+        context = EncoderContext(batch)
+        for _, t, e in parts:
+            context.append(t, e)
+        pending_coords = None
+        if chained and COORDS.name in names[:-1]:
+            # As upstream: a coords output that conditions later ones already sits in the encoder
+            # input, as its start token [S_1], until it is generated.
+            pending_coords = context.num_parts
+            context.append(*self.embed_coords(np.full((batch, 1), COORDS.start_id, dtype=np.int64)))
+        groups = None
         images, tokens = {}, {}
         for i, name in enumerate(names):
-            if encoded is None or chained:
-                encoded = self.encode(context_tokens, [self.num_layers - 1])[0]
+            if groups is None or chained:
+                groups = [(rows, self.encode(t, [self.num_layers - 1])[0], e) for rows, t, e in context.groups()]
+            feed_back = chained and i < len(names) - 1
+            if name == COORDS.name:
+                ids, lengths = self._generate_coords(groups, batch, rng, temperature, top_k, top_p, progress)
+                tokens[name], images[name] = ids, self.coords_tokenizer.decode(ids)
+                if feed_back:
+                    context.replace_part(pending_coords, [self.embed_coords(ids[b:b + 1, :n])
+                                                          for b, n in enumerate(lengths)])
+                continue
             if decoding_steps == 1:
-                logits = self.decoder_logits(name, encoded, context_emb)
+                logits = per_group(groups, batch, lambda rows, enc, emb: self.decoder_logits(name, enc, emb))
                 ids = sample_tokens(logits, rng, temperature=temperature, top_k=top_k, top_p=top_p)
             else:
                 ids = np.stack([
-                    iterative_decode(self._partial_logits_fn(name, context_tokens[b:b + 1], context_emb),
+                    iterative_decode(self._partial_logits_fn(name, *context.row(b)),
                                      self.grid * self.grid, decoding_steps, scheme, rng, temperature, top_k, top_p)
-                    for b in range(context_tokens.shape[0])])
+                    for b in range(batch)])
             tokens[name] = ids.reshape(ids.shape[0], self.grid, self.grid)
-            if chained and i < len(names) - 1:
+            if feed_back:
                 # As upstream: a generated output conditions the ones after it, as an encoder input.
-                t, e = self.backend.run(self.manifest.targets[name].condition_graph,
-                                        {"ids": tokens[name].astype(np.int64)}, ["tokens", "emb"])
-                context_tokens = np.concatenate([context_tokens, t], axis=1)
-                context_emb = np.concatenate([context_emb, e], axis=1)
+                context.append(*self.backend.run(self.manifest.targets[name].condition_graph,
+                                                 {"ids": tokens[name].astype(np.int64)}, ["tokens", "emb"]))
             if progress:
                 progress(f"{name} tokens", 1, 1)
             images[name] = self.decode_tokens(name, tokens[name], timesteps, noise=noise.get(name),
                                               standardize=standardize, rng=rng, progress=progress)
         return (images, tokens) if return_tokens else images
+
+    def _condition_graph(self, name: str) -> str | None:
+        if name == COORDS.name:
+            return self.manifest.coords.embed_graph
+        return self.manifest.targets[name].condition_graph
+
+    def _generate_coords(self, groups: list, batch: int, rng: np.random.Generator, temperature: float, top_k: int,
+                         top_p: float, progress) -> tuple[np.ndarray, list[int]]:
+        """The autoregressive coords loop over the causal decoder graph; returns the merged ids
+        (B, L) padded with [PAD] and each row's length."""
+        graph = self._coords_output()
+
+        def logits_fn(ids: np.ndarray) -> np.ndarray:
+            return per_group(groups, batch, lambda rows, enc, emb: self.backend.run(
+                graph, {"encoder_output": enc, "context_emb": emb, "ids": ids[rows]}, ["logits"])[0])
+
+        generated = autoregressive_decode(logits_fn, batch, rng, temperature, top_k, top_p, progress=progress)
+        return self.coords_tokenizer.merge(generated)
 
     def _partial_logits_fn(self, name: str, tokens: np.ndarray, emb: np.ndarray):
         """For one batch row: logits of every position of ``name`` given the tokens decoded so far,
@@ -361,7 +504,9 @@ class TerraMindRuntime:
         """Embeddings of the given modalities, as terratorch's TerraMind backbone returns them.
 
         ``inputs``: {modality: (B, C, H, W) array}, any non-empty subset of the exported
-        modalities; tokens are concatenated in the order given (as upstream).
+        modalities (coords: a (B, 2) [lon, lat] array); tokens are concatenated in the order given
+        (as upstream). Coords tokens take part in attention but, as upstream, only 'dict' and None
+        return them.
         ``layers``: -1 (the normed last layer, returned alone), any int, a list of ints, or
         'all' (a list of every layer; only the last one is normed, as upstream).
         ``merge_method``: 'mean' | 'max' | 'concat' | 'dict' | None (see ``merge.merge_tokens``).
@@ -369,11 +514,10 @@ class TerraMindRuntime:
         """
         check_merge_method(merge_method)
         indices, single = self._layer_indices(layers)
-        arrays = self.prepare(inputs, standardize=standardize, check_finite=check_finite)
-        names = list(arrays)
-        tokens = np.concatenate([self.patch_embed(name, a) for name, a in arrays.items()], axis=1)
-        per_modality = tokens.shape[1] // len(names)
-        missing = len(self.manifest.modalities) - len(names)
-        merged = [merge_tokens(out, names, per_modality, merge_method, missing)
-                  for out in self.encode(tokens, indices)]
+        arrays, coords, order = self._prepare_inputs(inputs, standardize, check_finite)
+        parts = self._input_parts(arrays, coords, order)
+        tokens = np.concatenate([t for _, t, _ in parts], axis=1)
+        layout = [(name, t.shape[1], name != COORDS.name) for name, t, _ in parts]
+        missing = len(self.manifest.modalities) - len(arrays)
+        merged = [merge_tokens(out, layout, merge_method, missing) for out in self.encode(tokens, indices)]
         return merged[0] if single else merged

@@ -10,9 +10,10 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from tm_runtime.coords import CoordsTokenizer, autoregressive_decode
 from tm_runtime.fsq import FSQ
 from tm_runtime.generation import destandardize
-from tm_runtime.modalities import get_modality, get_target
+from tm_runtime.modalities import COORDS, get_modality, get_target, is_coords
 from tm_runtime.sampling import sample_tokens
 from tm_runtime.scheduler import DDIMScheduler
 
@@ -55,25 +56,64 @@ def reference_generate(
     top_k: int = 0,
     standardize: bool = True,
     chained: bool = True,
+    coords_tokenizer: CoordsTokenizer | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Same contract and same Generator consumption as ``TerraMindRuntime.generate``."""
-    arrays = {get_modality(k).name: (_standardize(k, v) if standardize else v).astype(np.float32)
-              for k, v in inputs.items()}
-    images = {k: torch.from_numpy(v) for k, v in arrays.items()}
-    context = torch.cat([model.embedding(n)(img) for n, img in images.items()], dim=1)
-    emb = torch.cat([model.embedding(n).position_embedding(img) for n, img in images.items()], dim=1)
+    """Same contract and same Generator consumption as ``TerraMindRuntime.generate``.
+
+    The encoder input is kept per batch row (rows differ once coords are generated) and every
+    row runs on its own: simple, and independent of the runtime's grouping of equal rows.
+    """
+    batch = len(next(iter(inputs.values())))
+    rows: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(batch)]  # per row: parts
+
+    def add(tokens: torch.Tensor, emb: torch.Tensor, row: int | None = None) -> None:
+        for b in range(batch) if row is None else [row]:
+            rows[b].append((tokens[b:b + 1] if row is None else tokens, emb))
+
+    for key, value in inputs.items():
+        if is_coords(key):
+            add(*model.coords_embedding(torch.from_numpy(coords_tokenizer.encode(value))))
+            continue
+        name = get_modality(key).name
+        image = torch.from_numpy((_standardize(name, value) if standardize else value).astype(np.float32))
+        add(model.embedding(name)(image), model.embedding(name).position_embedding(image))
+    names = [COORDS.name if is_coords(m) else get_target(m).name for m in output_modalities]
+    pending = None
+    if chained and COORDS.name in names[:-1]:  # upstream's [S_1] of a coords output still to come
+        pending = len(rows[0])
+        add(*model.coords_embedding(torch.full((batch, 1), COORDS.start_id)))
+
+    def per_row(fn) -> np.ndarray:
+        outs = []
+        for b, parts in enumerate(rows):
+            context = torch.cat([t for t, _ in parts], dim=1)
+            emb = torch.cat([e for _, e in parts], dim=1)
+            outs.append(fn(b, model.encode(context)[-1], emb))
+        return np.concatenate(outs, axis=0)
+
     out, tokens = {}, {}
     grid = model.grid
-    names = [get_target(m).name for m in output_modalities]
     for i, name in enumerate(names):
-        encoded = model.encode(context)[-1]
-        logits = model.target_logits(encoded, emb, name).numpy()
+        feed_back = chained and i < len(names) - 1
+        if name == COORDS.name:
+            def logits_fn(ids: np.ndarray) -> np.ndarray:
+                return per_row(lambda b, enc, emb: model.coords_logits(enc, emb, torch.from_numpy(ids[b:b + 1])).numpy())
+
+            generated = autoregressive_decode(logits_fn, batch, rng, temperature, top_k, top_p)
+            ids, lengths = coords_tokenizer.merge(generated)
+            tokens[name], out[name] = ids, coords_tokenizer.decode(ids)
+            if feed_back:
+                for b, n in enumerate(lengths):
+                    del rows[b][pending]
+                    if n:
+                        rows[b].insert(pending, model.coords_embedding(torch.from_numpy(ids[b:b + 1, :n])))
+            continue
+        logits = per_row(lambda b, enc, emb: model.target_logits(enc, emb, name).numpy())
         ids = sample_tokens(logits, rng, temperature=temperature, top_k=top_k, top_p=top_p)
         ids = ids.reshape(ids.shape[0], grid, grid)
         tokens[name] = ids
-        if chained and i < len(names) - 1:  # the output conditions the next ones, as an encoder input
-            t, e = model.token_embedding(name)(torch.from_numpy(ids))
-            context, emb = torch.cat([context, t], dim=1), torch.cat([emb, e], dim=1)
+        if feed_back:  # the output conditions the next ones, as an encoder input
+            add(*model.token_embedding(name)(torch.from_numpy(ids)))
         tok = tokenizers[name]
         noise = None
         if isinstance(tok.decoder, UNetStep):

@@ -1,8 +1,9 @@
 """Transformer building blocks of TerraMind v1, named as the checkpoint keys name them.
 
-Written for export: explicit matmuls (no einsum, no SDPA), no masks (TerraMind's inference
-masks are all-False), reshape/transpose with shapes taken from the tensor so batch and token
-count stay symbolic.
+Written for export: explicit matmuls (no einsum, no SDPA), reshape/transpose with shapes taken
+from the tensor so batch and token count stay symbolic. TerraMind's inference masks are
+all-False except the causal mask of the autoregressive coords decoder, which enters as an
+additive bias (see ``sequence.causal_bias``).
 """
 from __future__ import annotations
 
@@ -67,9 +68,13 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale) v on (B, H, N, d) tensors, as upstream computes it (no fp32 upcast)."""
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale + bias) v on (B, H, N, d) tensors, as upstream computes it (no fp32
+    upcast). ``bias`` (N, N) is 0 where attention is allowed and very negative where it is not."""
     weights = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if bias is not None:
+        weights = weights + bias
     return torch.matmul(weights.softmax(dim=-1), v)
 
 
@@ -83,10 +88,10 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=bias)
         self.proj = nn.Linear(dim, dim, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         h = self.num_heads
-        out = attend(_split_heads(q, h), _split_heads(k, h), _split_heads(v, h), self.scale)
+        out = attend(_split_heads(q, h), _split_heads(k, h), _split_heads(v, h), self.scale, bias)
         return self.proj(_merge_heads(out))
 
 
@@ -140,7 +145,7 @@ class DecoderBlock(nn.Module):
         self.norm2 = LayerNorm(dim)
         self.mlp = make_mlp(dim, mlp_hidden, gated, bias)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, context: torch.Tensor, self_bias: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.norm1(x), self_bias)
         x = x + self.cross_attn(self.query_norm(x), self.context_norm(context))
         return x + self.mlp(self.norm2(x))

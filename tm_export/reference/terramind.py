@@ -10,11 +10,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tm_runtime.modalities import get_modality, get_target
+from tm_runtime.modalities import COORDS, get_modality, get_target, is_coords
 
 from .decoder import ImageTokenDecoderEmbedding, build_decoder_blocks, build_decoder_norm, decode_logits
 from .embeddings import ImageEncoderEmbedding, ImageTokenEncoderEmbedding
 from .layers import Block, LayerNorm
+from .sequence import SequenceDecoderEmbedding, SequenceEncoderEmbedding, sequence_logits
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,9 @@ class TerraMindModel(nn.Module):
     ``targets``, also ``decoder_proj_context``, ``decoder``, ``decoder_norm``, ``mask_token`` and
     the targets' ``decoder_embeddings``. ``channels`` overrides a modality's channel count (band
     subsets); ``image_size`` is the size the exported graphs take (positions are resized
-    bicubically from the 224 tables, as upstream does for other sizes).
+    bicubically from the 224 tables, as upstream does for other sizes). ``coords`` may appear in
+    ``modalities`` (a sequence input), ``targets`` (generated autoregressively) and
+    ``conditioning``; it is kept apart from the image modalities (``names``, ``targets``).
     """
 
     def __init__(
@@ -98,8 +101,12 @@ class TerraMindModel(nn.Module):
         self.grid = image_size // 16
         channels = channels or {}
         self.encoder_embeddings = nn.ModuleDict()
-        self.names: dict[str, str] = {}  # user name -> checkpoint key
+        self.names: dict[str, str] = {}  # user name -> checkpoint key (image modalities)
+        self.coords_input = any(is_coords(m) for m in modalities)
+        self.coords_target = any(is_coords(t) for t in targets or [])
         for name in modalities:
+            if is_coords(name):
+                continue
             mod = get_modality(name)
             num_channels = channels.get(mod.name, mod.num_channels)
             # The table is built at 224 (the checkpoint's) and resized at trace time if needed.
@@ -117,12 +124,19 @@ class TerraMindModel(nn.Module):
             self.mask_token = nn.Parameter(torch.zeros(1, 1, variant.dim))
             self.decoder_embeddings = nn.ModuleDict()
             for name in targets:
+                if is_coords(name):
+                    self.decoder_embeddings[COORDS.key] = SequenceDecoderEmbedding(COORDS.vocab_size, variant.dim)
+                    continue
                 target = get_target(name)
                 self.decoder_embeddings[target.key] = ImageTokenDecoderEmbedding(target.vocab_size, variant.dim, 224)
                 self.targets[target.name] = target.key
         # Token embeddings of generated outputs, for chained generation (see ImageTokenEncoderEmbedding).
         self.conditioning: dict[str, str] = {}
+        if self.coords_input or any(is_coords(c) for c in conditioning or []):
+            self.encoder_embeddings[COORDS.key] = SequenceEncoderEmbedding(COORDS.vocab_size, variant.dim)
         for name in conditioning or []:
+            if is_coords(name):
+                continue
             target = get_target(name)
             self.encoder_embeddings[target.key] = ImageTokenEncoderEmbedding(target.vocab_size, variant.dim, 224)
             self.conditioning[target.name] = target.key
@@ -140,6 +154,15 @@ class TerraMindModel(nn.Module):
     def decoder_embedding(self, name: str) -> ImageTokenDecoderEmbedding:
         return self.decoder_embeddings[self.targets[name]]
 
+    @property
+    def coords_embedding(self) -> SequenceEncoderEmbedding:
+        return self.encoder_embeddings[COORDS.key]
+
+    @property
+    def coords_conditioning(self) -> bool:
+        """Whether the model has an encoder embedding for coords (as input or to chain an output)."""
+        return COORDS.key in self.encoder_embeddings
+
     def encode(self, tokens: torch.Tensor) -> list[torch.Tensor]:
         return self.body(tokens)
 
@@ -153,6 +176,11 @@ class TerraMindModel(nn.Module):
         encoded = self.forward(images)[-1]
         emb = torch.cat([self.embedding(n).position_embedding(img) for n, img in images.items()], dim=1)
         return self.target_logits(encoded, emb, target)
+
+    def coords_logits(self, encoder_output: torch.Tensor, context_emb: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Causal decoder logits (B, L, V) of the coords sequence ``ids`` (B, L)."""
+        return sequence_logits(self.decoder, self.decoder_norm, self.decoder_proj_context,
+                               self.decoder_embeddings[COORDS.key], encoder_output, context_emb, ids)
 
     def target_logits(self, encoder_output: torch.Tensor, context_emb: torch.Tensor, target: str) -> torch.Tensor:
         return decode_logits(self.decoder, self.decoder_norm, self.decoder_proj_context, self.mask_token,

@@ -6,6 +6,8 @@ Each graph input gets concrete (min, opt, max) shapes from its symbolic dims:
 - ``num_tokens``: 196 x k tokens for k modalities in the encoder's context, k from 1 up to the
   largest context the export can produce: every input modality, plus, in chained generation,
   every output fed back to the encoder except the last (``max_context_modalities``);
+- with coords: ``num_tokens`` widens by up to 3 coords tokens (an input, or a generated span
+  fed back) and down to 1 (a coords-only input gives 3); ``seq_len`` (coords ids) is 1 to 3;
 - fixed dims as the manifest gives them (``context_emb``'s leading 1 stays 1).
 
 Buffer planning gives every binding's byte size at the max profile (so buffers can be allocated
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from math import prod
 
 from ..manifest import GraphEntry, Manifest, TensorSpec
+from ..modalities import COORDS
 
 Shape = tuple[int, ...]
 Range = tuple[int, int, int]
@@ -84,11 +87,12 @@ def max_context_modalities(manifest: Manifest) -> int:
     inputs = set(manifest.modalities)
     m = len(inputs)
     targets = manifest.targets
-    if not targets:
+    if not targets:  # (coords tokens are counted apart, in dim_ranges)
         return max(m, 1)
     feedable = {n for n, t in targets.items() if t.condition_graph}
     pool = inputs | feedable
-    spare_last = any(n not in pool for n in targets)  # a target that is only ever the last output
+    # a target that can take the last place: one that is never fed back, or a coords output
+    spare_last = any(n not in pool for n in targets) or bool(manifest.coords and manifest.coords.output)
     return max(m, len(pool) if spare_last else len(pool) - 1, 1)
 
 
@@ -97,7 +101,12 @@ def dim_ranges(manifest: Manifest, settings: ProfileSettings) -> dict[str, Range
     k_max = settings.max_modalities or max_context_modalities(manifest)
     k_opt = min(settings.opt_modalities or len(manifest.modalities) or 1, k_max)
     check_range("modalities (k)", (1, k_opt, k_max))
-    return {"batch": tuple(settings.batch), "num_tokens": (n, n * k_opt, n * k_max)}
+    dims = {"batch": tuple(settings.batch), "num_tokens": (n, n * k_opt, n * k_max)}
+    if manifest.coords is not None:
+        longest = COORDS.max_length - 1  # three ids: an input's, or a generated span's
+        dims["num_tokens"] = (1, n * k_opt, n * k_max + longest)
+        dims["seq_len"] = (1, longest, longest)
+    return dims
 
 
 def _resolve(graph: str, spec: TensorSpec, dims: dict[str, Range], which: int) -> Shape:
