@@ -1,7 +1,10 @@
-"""tm-bench: latency, throughput and memory of a tm-deploy export on ONNX Runtime.
+"""tm-bench: latency, throughput and memory of a tm-deploy export.
 
     tm-bench embed DIR [--batch 1 8] [--warmup 3] [--iters 20] [--threads N]
                        [--modalities ...] [--json FILE] [--compare-torch] [--ckpt PATH]
+                       [--backend ort-cpu|ort-cuda|tensorrt]
+    tm-bench generate DIR --outputs S1GRD LULC [--timesteps 10] [--compare-torch]
+                       [--backend ort-cpu|ort-cuda|tensorrt]
 """
 from __future__ import annotations
 
@@ -63,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", type=Path, default=None, help="write every number here")
     g.add_argument("--compare-torch", action="store_true",
                    help="also time the PyTorch reference and terratorch's *_generate, interleaved (temperature 0)")
+    for sp in (e, g):
+        sp.add_argument("--backend", choices=["ort-cpu", "ort-cuda", "tensorrt"], default="ort-cpu",
+                        help="ort-cpu (default); ort-cuda (onnxruntime-gpu, IO binding) or tensorrt (engines "
+                             "from tm-build-engines' cache) add a per-graph H2D / compute / D2H breakdown")
     return p
 
 
@@ -71,7 +78,7 @@ def _generate(args) -> int:
 
     config = GenerateBenchConfig(args.export_dir, args.outputs, timesteps=args.timesteps, batch=args.batch,
                                  warmup=args.warmup, iters=args.iters, threads=args.threads,
-                                 compare_torch=args.compare_torch, seed=args.seed)
+                                 compare_torch=args.compare_torch, seed=args.seed, backend=args.backend)
     result = run_generate_benchmark(config, log=lambda s: print(s, file=sys.stderr, flush=True))
     print(format_generate_report(result))
     if args.json:
@@ -84,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "generate":
         try:
             return _generate(args)
-        except (ManifestError, ValueError) as exc:
+        except (ManifestError, ValueError, RuntimeError, ImportError) as exc:
             print(f"tm-bench: error: {exc}", file=sys.stderr)
             return 2
     from .embed import EmbedBenchConfig, run_embed_benchmark
@@ -94,11 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         export_dir=args.export_dir, batches=args.batch, warmup=args.warmup, iters=args.iters,
         threads=args.threads, modalities=args.modalities, compare_torch=args.compare_torch,
         ckpt=args.ckpt, seed=args.seed, ort_spinning=args.ort_spinning,
-        gap_s=args.gap_ms / 1e3,
+        gap_s=args.gap_ms / 1e3, backend=args.backend,
     )
     try:
         result = run_embed_benchmark(config, log=lambda s: print(s, file=sys.stderr, flush=True))
-    except (ManifestError, ValueError, RuntimeError) as exc:
+    except (ManifestError, ValueError, RuntimeError, ImportError) as exc:
         print(f"tm-bench: error: {exc}", file=sys.stderr)
         return 1
     print(format_report(result))

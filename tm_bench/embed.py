@@ -25,6 +25,7 @@ from tm_runtime.backends import OrtBackend
 from tm_runtime.modalities import canonical_name
 
 from . import machine
+from .device import RecordingBackend, device_breakdown, runtime_backend
 from .flops import model_flops
 from .stats import summarize
 
@@ -47,6 +48,7 @@ class EmbedBenchConfig:
     # Idle gap before each interleaved call. OpenMP (torch) and OpenBLAS workers busy-wait for
     # a while after their work; without a gap they take a core from whoever runs next.
     gap_s: float = 0.05
+    backend: str = "ort-cpu"  # ort-cpu | ort-cuda | tensorrt
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -146,7 +148,9 @@ def run_embed_benchmark(config: EmbedBenchConfig, log: Log = print) -> dict[str,
     }
     rss_start = machine.current_rss_bytes()
     peak_reset = machine.reset_peak_rss()
-    rt = TerraMindRuntime(config.export_dir, threads=threads)
+    rt = TerraMindRuntime(config.export_dir, threads=threads, backend=runtime_backend(config.backend))
+    if config.ort_spinning and config.backend != "ort-cpu":
+        raise ValueError("--ort-spinning applies to --backend ort-cpu only")
     if config.ort_spinning:
         # Sessions are created lazily, so swapping the backend before first use is enough.
         paths = {name: rt.manifest.graph_path(name) for name in rt.manifest.graphs}
@@ -156,8 +160,10 @@ def run_embed_benchmark(config: EmbedBenchConfig, log: Log = print) -> dict[str,
     if unknown:
         raise ValueError(f"modalities {unknown} are not in this export ({', '.join(rt.modalities)})")
     graphs = [rt.manifest.modalities[n].graph for n in names] + [rt.manifest.data["encoder"]["graph"]]
+    has_sessions = callable(getattr(rt.backend, "session", None))  # ORT backends; TensorRT has engines
     for graph in graphs:
-        rt.backend.session(graph)
+        if has_sessions:
+            rt.backend.session(graph)
     result["export"] = {
         "dir": str(Path(config.export_dir).resolve()), "model": rt.manifest.model,
         "weights": rt.manifest.data["weights"], "modalities": names,
@@ -168,9 +174,11 @@ def run_embed_benchmark(config: EmbedBenchConfig, log: Log = print) -> dict[str,
         "batches": config.batches, "warmup": config.warmup, "iters": config.iters, "threads": threads,
         "input_seed": config.seed, "compare_torch": config.compare_torch, "timer": "time.perf_counter",
         "interleave_gap_s": config.gap_s,
-        "ort": _session_facts(rt, graphs[-1]),
+        "backend": config.backend,
+        "ort": _session_facts(rt, graphs[-1]) if has_sessions else {},
     }
-    result["session_creation_s"] = {g: rt.backend.session_seconds[g] for g in graphs}
+    created = getattr(rt.backend, "session_seconds", {})
+    result["session_creation_s"] = {g: created[g] for g in graphs if g in created}
     log(f"sessions created in {sum(result['session_creation_s'].values()):.2f}s; measuring the sgemm rate")
     gemm = {"numpy": machine.numpy_sgemm_gflops(threads), "onnxruntime": machine.ort_sgemm_gflops(threads)}
 
@@ -178,6 +186,14 @@ def run_embed_benchmark(config: EmbedBenchConfig, log: Log = print) -> dict[str,
     for batch in config.batches:
         log(f"ORT, batch {batch}: {config.warmup} warm-up + {config.iters} timed iterations")
         ort_samples[batch] = _ort_phase(rt, _inputs(rt, names, batch, config.seed), config.warmup, config.iters)
+    if config.backend != "ort-cpu":
+        recorder = RecordingBackend(rt.backend)
+        backend, rt.backend = rt.backend, recorder
+        try:
+            rt.embed(_inputs(rt, names, config.batches[0], config.seed))
+        finally:
+            rt.backend = backend
+        result["device"] = device_breakdown(backend, recorder.feeds, warmup=config.warmup, iters=config.iters)
     result["memory"] = {"rss_before_sessions_bytes": rss_start, "peak_rss_ort_bytes": machine.peak_rss_bytes(),
                         "peak_is_per_phase": peak_reset}
 

@@ -22,6 +22,7 @@ from tm_runtime import TerraMindRuntime
 from tm_runtime import runtime as runtime_module
 from tm_runtime.scheduler import DDIMScheduler
 
+from .device import RecordingBackend, device_breakdown, format_breakdown, runtime_backend
 from .machine import machine_info, numpy_sgemm_gflops, peak_rss_bytes, versions
 from .stats import summarize
 
@@ -39,6 +40,7 @@ class GenerateBenchConfig:
     threads: int | None = None
     compare_torch: bool = False
     seed: int = 0
+    backend: str = "ort-cpu"  # ort-cpu | ort-cuda | tensorrt
 
 
 class TimingBackend:
@@ -60,6 +62,11 @@ class TimingBackend:
     def reset(self) -> None:
         self.seconds.clear()
         self.calls.clear()
+
+    def __getattr__(self, attr: str) -> Any:
+        # GPU backends' run_device, stream, ...: the runtime keeps its device-resident loop (those
+        # calls are not in the per-stage table; the per-graph device breakdown times them).
+        return getattr(self.inner, attr)
 
 
 @contextmanager
@@ -109,6 +116,10 @@ def _stage_label(graph: str) -> str:
         return f"decoder {graph[8:]}"
     if graph.startswith("detokenize_"):
         return f"{graph[11:]} ViT decoder"
+    if graph == "decoder_coords":
+        return "decoder coords (causal), per token"
+    if graph == "embed_coords":
+        return "coords embedding"
     if graph.startswith("embed_tok_"):
         return f"token embedding {graph[10:]} (chaining)"
     if graph.startswith("embed_"):
@@ -118,7 +129,7 @@ def _stage_label(graph: str) -> str:
 
 def run_generate_benchmark(config: GenerateBenchConfig, log: Log = print) -> dict[str, Any]:
     threads = config.threads
-    rt = TerraMindRuntime(config.export_dir, threads=threads)
+    rt = TerraMindRuntime(config.export_dir, threads=threads, backend=runtime_backend(config.backend))
     timing = TimingBackend(rt.backend)
     rt.backend = timing
     inputs = _inputs(rt, config.batch, config.seed)
@@ -127,7 +138,7 @@ def run_generate_benchmark(config: GenerateBenchConfig, log: Log = print) -> dic
     def ort_generate() -> dict:
         return rt.generate(inputs, outputs, timesteps=config.timesteps, seed=config.seed, temperature=0.0)
 
-    log(f"ONNX Runtime: {config.warmup} warm-up + {config.iters} timed generate calls "
+    log(f"{config.backend}: {config.warmup} warm-up + {config.iters} timed generate calls "
         f"({'+'.join(inputs)} -> {'+'.join(outputs)}, T={config.timesteps}, batch {config.batch})")
     for _ in range(config.warmup):
         ort_generate()
@@ -150,12 +161,14 @@ def run_generate_benchmark(config: GenerateBenchConfig, log: Log = print) -> dic
     result: dict[str, Any] = {
         "command": "generate", "export_dir": str(config.export_dir), "outputs": outputs,
         "inputs": list(inputs), "timesteps": config.timesteps, "batch": config.batch, "iters": config.iters,
-        "threads": threads, "machine": machine_info(), "versions": versions(include_torch=config.compare_torch),
+        "threads": threads, "backend": config.backend, "machine": machine_info(), "versions": versions(include_torch=config.compare_torch),
         "graph_calls_per_generate": calls,
         "ort": {"end_to_end": summarize(end_to_end),
                 "stages": {label: summarize(s) for label, s in stage_samples.items()}},
         "peak_rss_bytes": peak_rss_bytes(),
     }
+    if config.backend != "ort-cpu":
+        result["device"] = _device_section(rt, timing.inner, ort_generate, log)
     sgemm = numpy_sgemm_gflops(threads or 2)
     result["sgemm"] = sgemm
     if config.compare_torch:
@@ -173,18 +186,33 @@ def run_generate_benchmark(config: GenerateBenchConfig, log: Log = print) -> dic
     return result
 
 
+def _device_section(rt: TerraMindRuntime, backend: Any, workload: Callable[[], object], log: Log) -> dict:
+    """trtexec-style per-graph H2D / compute / D2H on a GPU backend, with the feeds of one run."""
+    recorder = RecordingBackend(backend)  # no run_device: the runtime takes its host path, so
+    rt.backend = recorder                 # every graph's feeds arrive as host arrays
+    try:
+        workload()
+    finally:
+        rt.backend = backend
+    log(f"per-graph device timing of {len(recorder.feeds)} graphs")
+    return device_breakdown(backend, recorder.feeds)
+
+
 def format_generate_report(result: dict[str, Any]) -> str:
     lines = [f"tm-bench generate: {'+'.join(result['inputs'])} -> {'+'.join(result['outputs'])}, "
              f"T={result['timesteps']}, batch {result['batch']}, {result['iters']} timed runs, "
              f"threads {result['threads'] or 'default'}"]
     e2e = result["ort"]["end_to_end"]
-    lines.append(f"  {'stage (ONNX Runtime)':<40} {'p50 ms':>10} {'min ms':>10} {'share':>7}")
+    lines.append(f"  {'stage (' + result.get('backend', 'ort-cpu') + ')':<40} {'p50 ms':>10} {'min ms':>10} {'share':>7}")
     total = e2e["p50"]
     for label, s in sorted(result["ort"]["stages"].items(), key=lambda kv: -kv[1]["p50"]):
         count = ""
         lines.append(f"  {label:<40} {s['p50'] * 1e3:>10.1f} {s['min'] * 1e3:>10.1f} {s['p50'] / total:>6.1%}{count}")
     lines.append(f"  {'end to end':<40} {total * 1e3:>10.1f} {e2e['min'] * 1e3:>10.1f}")
     lines.append(f"  graph calls per generate: {result['graph_calls_per_generate']}")
+    if "device" in result:
+        lines.append("\n  per graph on the device, H2D / compute / D2H timed apart (as trtexec):")
+        lines += ["  " + line for line in format_breakdown(result["device"])]
     if "torch" in result:
         lines.append(f"\n  {'contender (interleaved)':<40} {'p50 s':>10} {'min s':>10} {'floor %':>8} {'ORT speed-up':>13}")
         ort_p50 = result["torch"]["contenders"]["onnxruntime"]["p50"]

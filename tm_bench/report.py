@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .device import format_breakdown
+
 _HEADER = ("row", "mean ms", "p50 ms", "p90 ms", "p99 ms", "min ms", "img/s", "GFLOP", "floor ms", "floor %",
            "vs ORT GEMM %")
 
@@ -38,6 +40,8 @@ def format_report(result: dict[str, Any]) -> str:
     out.append(f"export: {e['dir']} ({e['model']['name']}, {'+'.join(e['modalities'])}, "
                f"{e['model']['image_size']}px, weights {e['weights'].get('source')}, graphs "
                + ", ".join(f"{g}={v}" for g, v in e.get("graph_variants", {}).items()) + ")")
+    if s.get("backend", "ort-cpu") != "ort-cpu":
+        out.append(f"backend: {s['backend']}")
     out.append(f"threads {s['threads']} (ORT intra-op{', torch' if s['compare_torch'] else ''}, BLAS), "
                f"warm-up {s['warmup']}, iterations {s['iters']}; ORT allow_spinning {s['ort'].get('allow_spinning')}, "
                f"{s['ort'].get('graph_optimization_level')}")
@@ -75,6 +79,10 @@ def format_report(result: dict[str, Any]) -> str:
     out.append("")
     out.append("floor % = floor time (at the fastest sgemm rate) / median; vs ORT GEMM % = the same at ONNX "
                "Runtime's own MatMul rate; img/s = batch / median")
+    if "device" in result:
+        out.append("")
+        out.append("per graph on the device, H2D / compute / D2H timed apart (as trtexec):")
+        out += format_breakdown(result["device"])
     return "\n".join(out)
 
 

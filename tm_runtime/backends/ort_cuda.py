@@ -201,5 +201,16 @@ class OrtCudaBackend:
         """OrtBackend's protocol (host in, host out)."""
         return [v.numpy() for v in self.run_device(name, feeds, outputs).values()]
 
+    # -- transfers (tm-bench times them apart from compute) -----------------------------------
+    def to_device(self, array: np.ndarray) -> ort.OrtValue:
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), "cuda", self.device_id)
+
+    @staticmethod
+    def to_host(value: ort.OrtValue) -> np.ndarray:
+        return value.numpy()
+
+    def synchronize(self) -> None:
+        """Nothing to wait for: ORT synchronises the CUDA stream at the end of every run and copy."""
+
     def end_profiling(self) -> list[str]:
         return [s.end_profiling() for s in self._sessions.values()]

@@ -297,6 +297,14 @@ class TensorRTBackend:
     def synchronize(self) -> None:
         self._cu.synchronize(self.stream)
 
+    # -- transfers (tm-bench times them apart from compute) -----------------------------------
+    def to_device(self, array: np.ndarray) -> DeviceArray:
+        """An owned device copy of ``array`` (queued on the stream; free it with ``.free()``)."""
+        return DeviceArray.from_host(np.ascontiguousarray(array), self.stream)
+
+    def to_host(self, value: DeviceArray) -> np.ndarray:
+        return value.to_host(self.stream)
+
     def close(self) -> None:
         """Free every device allocation, captured graph and the stream."""
         if not getattr(self, "_engines", None) and not getattr(self, "_scratch", 0):
