@@ -28,13 +28,14 @@ from .precision import FP16_MAX_REL_ERROR, check_precision, to_fp16
 from .reference.terramind import TerraMindModel, get_variant
 from .reference.tokenizers import Tokenizer, build_tokenizer, load_tokenizer, tokenizer_config
 from .tokenizer_graphs import tokenizer_specs
+from .validate import summarize, validate_graph
+from .winograd import TILE_SIZES
 
 # A shrunken tokenizer architecture for tests and demos with random weights.
 SMALL_TOKENIZER = {"encoder": {"dim": 64, "depth": 2, "num_heads": 4},
                    "vit_decoder": {"dim": 64, "depth": 2, "num_heads": 4},
                    "unet": {"model_channels": 32, "channel_mult": (1, 2, 2), "num_res_blocks": 1,
                             "attention_resolutions": (2, 4)}}
-from .validate import summarize, validate_graph
 
 # Protobuf cannot serialise a single message over 2 GiB; stay clear of it.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -58,6 +59,7 @@ class ExportConfig:
     # "official" (the checkpoints' architecture) or "small" (random-init only: fast tests/demos)
     tokenizer_size: str = "official"
     precision: str = "fp32"  # fp16: reduced-precision graphs (see precision.py), validated against fp32
+    winograd: int = 0  # 2 or 4: the UNets' 3x3 convolutions as Winograd F(m x m, 3 x 3) (ONNX Runtime CPU)
     ckpt: Path | None = None
     random_init: bool = False
     seed: int = 0
@@ -370,6 +372,11 @@ def export(config: ExportConfig, log: Callable[[str], None] = print) -> dict:
     if out.exists() and not config.overwrite:
         raise ExportError(f"{out} already exists; pass --overwrite to replace it")
     check_precision(config.precision)
+    if config.winograd not in (0,) + TILE_SIZES:
+        raise ExportError(f"--winograd tile must be one of {TILE_SIZES}, got {config.winograd}")
+    if config.winograd and config.precision != "fp32":
+        raise ExportError("--winograd is for fp32 graphs on ONNX Runtime CPU; fp16 Winograd loses too much "
+                          "precision (and GPU runtimes choose Winograd kernels themselves)")
     start = time.perf_counter()
     model, weights = build_reference(config, log)
     tokenized = [get_modality(m).name for m in config.modalities if not is_coords(m) and get_modality(m).tokenized]
@@ -387,7 +394,8 @@ def export(config: ExportConfig, log: Callable[[str], None] = print) -> dict:
     if COORDS.name in needed:
         weights["tokenizers"][COORDS.name] = coords_info
     specs = all_specs(model) + [s for name, tok in tokenizers.items()
-                                for s in tokenizer_specs(name, tok, decoder=name in model.targets)]
+                                for s in tokenizer_specs(name, tok, decoder=name in model.targets,
+                                                         winograd=config.winograd)]
     out.parent.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:

@@ -48,6 +48,9 @@ class GraphSpec:
     # to give the same ids).
     allow_reduced_precision: bool = True
     extra: dict = field(default_factory=dict)  # goes into the manifest entry as is
+    # What validation compares against when the traced module is a rewrite of the reference
+    # (the Winograd UNet): None means ``module`` itself.
+    reference: nn.Module | None = None
 
     @property
     def file(self) -> str:

@@ -2,10 +2,13 @@
 and the LULC ViT decoder. The DDIM loop and FSQ ids -> codes run in numpy in the runtime."""
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from .graphs import BATCH, GraphSpec, TensorDecl
 from .reference.tokenizers import LulcDecoder, Tokenizer, TokenizerEncoder, UNetStep
+from .winograd import use_winograd
 
 
 def tokenize_graph_name(modality: str) -> str:
@@ -42,8 +45,10 @@ def _codes(batch: int, latent: int, grid: int, gen: torch.Generator) -> torch.Te
     return torch.rand(batch, latent, grid, grid, generator=gen)
 
 
-def tokenizer_specs(name: str, tok: Tokenizer, decoder: bool = True) -> list[GraphSpec]:
-    """The encoder graph always (tokenised inputs need only it); the decoder graph with ``decoder``."""
+def tokenizer_specs(name: str, tok: Tokenizer, decoder: bool = True, winograd: int = 0) -> list[GraphSpec]:
+    """The encoder graph always (tokenised inputs need only it); the decoder graph with ``decoder``.
+    ``winograd`` (2 or 4) traces the UNet's 3x3 convolutions as Winograd F(m x m, 3 x 3) (see
+    ``tm_export.winograd``); validation still compares against the direct convolutions."""
     cfg = tok.config
     size, grid, channels, latent = cfg.image_size, cfg.grid, cfg.in_channels, cfg.latent_dim
     specs = []
@@ -70,15 +75,20 @@ def tokenizer_specs(name: str, tok: Tokenizer, decoder: bool = True) -> list[Gra
                     torch.randint(0, 1000, (batch,), generator=gen),
                     _codes(batch, latent, grid, gen), ddim)
 
+        reference = DDIMUNetStep(tok.decoder)
+        module, extra = reference, {}
+        if winograd:
+            module = DDIMUNetStep(copy.deepcopy(tok.decoder))
+            extra = {"winograd": {"tile": winograd, "convolutions": use_winograd(module, winograd)}}
         specs.append(GraphSpec(
-            name=unet_graph_name(name), module=DDIMUNetStep(tok.decoder),
+            name=unet_graph_name(name), module=module, reference=reference if winograd else None,
             inputs=[TensorDecl("x_t", "float32", (BATCH, channels, size, size)),
                     TensorDecl("t", "int64", (BATCH,)),
                     TensorDecl("quant", "float32", (BATCH, latent, grid, grid)),
                     TensorDecl("ddim", "float32", (4,))],
             outputs=[TensorDecl("x0", "float32", (BATCH, channels, size, size)),
                      TensorDecl("x_prev", "float32", (BATCH, channels, size, size))],
-            sample=unet_sample, extra={"modality": name, "role": "diffusion_step", "prediction": "sample"},
+            sample=unet_sample, extra={"modality": name, "role": "diffusion_step", "prediction": "sample", **extra},
         ))
     else:
         decoder: LulcDecoder = tok.decoder
