@@ -185,6 +185,8 @@ def ort_cuda():
     paths = {n: m.graph_path(n) for n in m.graphs}
     tokens = np.random.default_rng(0).standard_normal((1, 392, 192)).astype(np.float32)
     io = OrtCudaBackend(paths, m)
+    attempt(res, "per_graph_iobinding", lambda: res.update(per_graph_iobinding=per_graph_breakdown(
+        TerraMindRuntime(EXPORT, backend=io), io)))
     res["iobinding_encoder_b1_run_device"] = wall(lambda: io.run_device("encoder", {"tokens": tokens}, ["layer_11"]))
     ref = cpu.backend.run("encoder", {"tokens": tokens}, ["layer_11"])[0]
     res["iobinding_encoder_max_rel_vs_cpu"] = rel(io.run("encoder", {"tokens": tokens}, ["layer_11"])[0], ref)
@@ -200,6 +202,19 @@ def ort_cuda():
     except Exception as exc:  # noqa: BLE001 - CUDA graphs need every node on the CUDA EP
         res["cuda_graph"] = f"failed: {type(exc).__name__}: {exc}"
     write("ort_cuda", "ok", note="wall clock (perf_counter), host arrays in and out unless run_device", **res)
+
+
+def per_graph_breakdown(rt, backend):
+    """H2D / GPU compute / D2H p50 (ms) per graph of one generate, as tm-bench --backend reports it."""
+    from tm_bench.device import RecordingBackend, device_breakdown
+    recorder = RecordingBackend(backend)
+    original, rt.backend = rt.backend, recorder
+    try:
+        rt.generate(inputs(1), [TARGET], timesteps=2, seed=0)
+    finally:
+        rt.backend = original
+    return {g: {k: round(v["p50"], 3) for k, v in row.items() if isinstance(v, dict)}
+            for g, row in device_breakdown(backend, recorder.feeds, warmup=1, iters=3).items()}
 
 
 def attempt(res, key, fn):
@@ -265,6 +280,8 @@ def tensorrt():
             tokens = np.random.default_rng(0).standard_normal((1, 392, 192)).astype(np.float32)
             res[f"run_device_encoder_{tag}_b1"] = wall(lambda: (be.run_device("encoder", {"tokens": tokens}),
                                                                 be.synchronize()))
+            if not cuda_graphs:  # trtexec-style H2D / GPU compute / D2H per graph (tm-bench --backend)
+                res[f"per_graph_{tag}"] = per_graph_breakdown(rt, be)
         finally:
             be.close()
     attempt(res, "runtime_fp16", lambda: runtime_on_trt(False))
