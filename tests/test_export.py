@@ -126,6 +126,10 @@ def test_external_data_is_used_for_big_graphs(tmp_path):
     ext = m.graph("encoder").external_data
     assert [e["file"] for e in ext] == ["encoder.onnx.data"]
     assert (out / "encoder.onnx").stat().st_size < 1_000_000
+    assert (out / "encoder.onnx.data").stat().st_mode & 0o044 == 0o044  # readable like the graphs
+    # nothing but the manifest, the graphs and their data files (no tracer leftovers)
+    listed = {g.file for g in m.graphs.values()} | {e["file"] for g in m.graphs.values() for e in g.external_data}
+    assert {p.name for p in out.iterdir()} == listed | {"manifest.json"}
     rt = TerraMindRuntime(out)
     emb = rt.embed({"S1GRD": np.zeros((1, 2, 224, 224), np.float32)})
     assert emb.shape == (1, 196, 192)

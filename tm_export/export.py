@@ -252,14 +252,20 @@ def _save(model: onnx.ModelProto, path: Path, threshold: int) -> list[str]:
     data_name = path.name + ".data"
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data_name, size_threshold=1024)
+    os.chmod(path.parent / data_name, 0o644)  # onnx creates it owner-only; the graph file is 0644
     return [data_name]
 
 
 def export_graph(spec: GraphSpec, workdir: Path, config: ExportConfig, log: Callable[[str], None]) -> dict:
     start = time.perf_counter()
-    raw = workdir / f".{spec.name}.raw.onnx"
+    # Its own directory: a graph over 2 GB is traced with one external file per tensor, which must
+    # not end up beside the final graphs.
+    trace_dir = workdir / f".trace-{spec.name}"
+    trace_dir.mkdir()
+    raw = trace_dir / "raw.onnx"
     _trace(spec, raw, config.opset)
     model = onnx.load(str(raw))
+    shutil.rmtree(trace_dir)
     name_outputs(spec, model)
     simplified = False
     if config.simplify:
@@ -268,8 +274,6 @@ def export_graph(spec: GraphSpec, workdir: Path, config: ExportConfig, log: Call
             simplified = True
         except Exception as exc:  # onnxslim fails on some big graphs; the traced graph is still valid
             log(f"  {spec.name}: simplification failed ({exc}); keeping the traced graph")
-    for leftover in workdir.glob(f".{spec.name}.raw.onnx*"):
-        leftover.unlink()
     check_dims(spec, model)
     precision = config.precision if spec.allow_reduced_precision else "fp32"
     if precision == "fp16":
