@@ -291,3 +291,25 @@ def test_tensorrt_profiles_cover_coords(runtime):
     # S2L2A, then LULC fed back before a last coords output: two image modalities, plus 3 coords tokens
     lo, _, hi = profiles["encoder"].inputs["tokens"]
     assert lo == (1, 1, 192) and hi == (4, 2 * 196 + 3, 192)
+
+
+def test_coords_tokenizer_from_the_hub_cache(vocab, tmp_path, monkeypatch):
+    """Without --tokenizer-ckpt coords=PATH the file comes from the HF hub (here: a local cache,
+    offline), as config.json of ibm-esa-geospatial/TerraMind-1.0-Tokenizer-Coords."""
+    import huggingface_hub.constants as C
+
+    from .test_weights import make_hf_cache
+
+    cache = tmp_path / "hub"
+    make_hf_cache(cache, "ibm-esa-geospatial/TerraMind-1.0-Tokenizer-Coords", "config.json", Path(vocab))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(C, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(C, "HF_HUB_OFFLINE", True)
+    manifest = export(config(tmp_path / "out", vocab, tokenizer_ckpts={}, modalities=["S2L2A", "coords"],
+                             output_modalities=[], validate=False), log=lambda s: None)
+    info = manifest["weights"]["tokenizers"]["coords"]
+    assert info["source"] == "huggingface_hub" and info["repo_id"] == "ibm-esa-geospatial/TerraMind-1.0-Tokenizer-Coords"
+    assert (tmp_path / "out" / "coords_tokenizer.json").read_bytes() == Path(vocab).read_bytes()
+    rt = TerraMindRuntime(tmp_path / "out")
+    assert rt.embed({"coords": LONLAT}, merge_method="dict")["coords"].shape == (2, 3, 192)
