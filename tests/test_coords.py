@@ -131,8 +131,7 @@ def test_encoder_context_groups_rows_of_equal_length():
     ctx = EncoderContext(3)
     ctx.append(np.arange(3 * 2 * 1, dtype=np.float32).reshape(3, 2, 1), np.zeros((1, 2, 1), np.float32))
     ctx.append(np.ones((3, 1, 1), np.float32), np.ones((1, 1, 1), np.float32))
-    ctx.replace_part(1, [(np.full((1, n, 1), 7.0, np.float32), np.full((1, n, 1), 2.0, np.float32))
-                         for n in (2, 0, 2)])
+    ctx.replace_part(1, np.full((3, 2, 1), 7.0, np.float32), np.full((1, 2, 1), 2.0, np.float32), [2, 0, 2])
     groups = list(ctx.groups())
     assert [g[0].tolist() for g in groups] == [[0, 2], [1]]
     assert groups[0][1].shape == (2, 4, 1) and groups[1][1].shape == (1, 2, 1)

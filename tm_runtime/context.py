@@ -25,18 +25,13 @@ class EncoderContext:
             self.tokens[b].append(tokens[b:b + 1])
             self.emb[b].append(emb)
 
-    def append_rows(self, rows: list[tuple[np.ndarray, np.ndarray]]) -> None:
-        """Per row (tokens (1, n_b, D), emb (1, n_b, D)); n_b may differ (and be 0)."""
-        for b, (tokens, emb) in enumerate(rows):
-            if tokens.shape[1]:
-                self.tokens[b].append(tokens)
-                self.emb[b].append(emb)
-
-    def replace_part(self, index: int, rows: list[tuple[np.ndarray, np.ndarray]]) -> None:
-        """Swap part ``index`` (the same in every row) for per-row parts, dropping empty ones."""
-        for b, (tokens, emb) in enumerate(rows):
-            if tokens.shape[1]:
-                self.tokens[b][index], self.emb[b][index] = tokens, emb
+    def replace_part(self, index: int, tokens: np.ndarray | None, emb: np.ndarray | None,
+                     lengths: list[int]) -> None:
+        """Swap part ``index`` (the same in every row) for row b's first ``lengths[b]`` tokens of
+        ``tokens`` (B, L, D) with ``emb`` (1, L, D); a row of length 0 loses the part."""
+        for b, n in enumerate(lengths):
+            if n:
+                self.tokens[b][index], self.emb[b][index] = tokens[b:b + 1, :n], emb[:, :n]
             else:
                 del self.tokens[b][index], self.emb[b][index]
 
@@ -52,8 +47,8 @@ class EncoderContext:
         lengths = [sum(t.shape[1] for t in parts) for parts in self.tokens]
         for length in sorted(set(lengths), key=lengths.index):
             rows = np.array([b for b, n in enumerate(lengths) if n == length])
-            tokens = np.concatenate([self.row(b)[0] for b in rows], axis=0)
-            yield rows, tokens, self.row(int(rows[0]))[1]
+            tokens = np.concatenate([np.concatenate(self.tokens[b], axis=1) for b in rows], axis=0)
+            yield rows, tokens, np.concatenate(self.emb[rows[0]], axis=1)
 
 
 def gather_rows(batch: int, parts: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:

@@ -115,12 +115,11 @@ class CoordsEntry:
     embed_graph: str | None  # ids -> encoder tokens (a coords input, or a chained coords output)
     decoder_graph: str | None  # causal decoder: (context, ids so far) -> logits
     tokenizer_file: str
-    max_length: int
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "CoordsEntry":
         return cls(bool(d["input"]), bool(d["output"]), d.get("embed_graph"), d.get("decoder_graph"),
-                   d["tokenizer_file"], int(d["max_length"]))
+                   d["tokenizer_file"])
 
 
 @dataclass

@@ -417,8 +417,10 @@ class TerraMindRuntime:
                 ids, lengths = self._generate_coords(groups, batch, rng, temperature, top_k, top_p, progress)
                 tokens[name], images[name] = ids, self.coords_tokenizer.decode(ids)
                 if feed_back:
-                    context.replace_part(pending_coords, [self.embed_coords(ids[b:b + 1, :n])
-                                                          for b, n in enumerate(lengths)])
+                    # One graph call for the padded batch: token i's embedding depends on its id and
+                    # position only, so each row keeps its first n tokens (none for an empty span).
+                    t, e = self.embed_coords(ids) if ids.shape[1] else (None, None)
+                    context.replace_part(pending_coords, t, e, lengths)
                 continue
             if decoding_steps == 1:
                 logits = per_group(groups, batch, lambda rows, enc, emb: self.decoder_logits(name, enc, emb))
