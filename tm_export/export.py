@@ -8,7 +8,6 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -23,10 +22,13 @@ from tm_runtime.modalities import COORDS, get_modality, get_target, is_coords
 
 from . import weights as W
 from .bands import select_bands
+from . import streaming
 from .graphs import GraphSpec, all_specs
+from .memory import PeakWindow, release_memory, step
 from .precision import FP16_MAX_REL_ERROR, check_precision, to_fp16
 from .reference.terramind import TerraMindModel, get_variant
-from .reference.tokenizers import Tokenizer, build_tokenizer, load_tokenizer, tokenizer_config
+from .reference.tokenizers import Tokenizer, TokenizerConfig, build_tokenizer, load_tokenizer, tokenizer_config
+from .streaming import WeightlessModel
 from .tokenizer_graphs import tokenizer_specs
 from .validate import summarize, validate_graph
 from .winograd import TILE_SIZES
@@ -152,9 +154,20 @@ def coords_tokenizer_path(config: ExportConfig, log: Callable[[str], None] = pri
     return path, info
 
 
-def build_tokenizers(config: ExportConfig, targets: list[str],
-                     log: Callable[[str], None] = print) -> tuple[dict[str, Tokenizer], dict]:
-    """The tokenizer of every target: from --tokenizer-ckpt, the HF hub, or random (with --random-init)."""
+@dataclass
+class TokenizerSource:
+    """Where one tokenizer's weights come from: a checkpoint ``path``, or random with ``seed``."""
+    name: str
+    config: TokenizerConfig
+    path: Path | None
+    seed: int
+    info: dict
+
+
+def tokenizer_sources(config: ExportConfig, targets: list[str],
+                      log: Callable[[str], None] = print) -> list[TokenizerSource]:
+    """Check the tokenizer options and find every target's checkpoint (``--tokenizer-ckpt``, the HF
+    hub) without reading it: the export loads one tokenizer at a time, when its graphs are due."""
     if config.tokenizer_size not in ("official", "small"):
         raise ExportError(f"tokenizer size must be 'official' or 'small', got {config.tokenizer_size!r}")
     if config.tokenizer_size == "small" and not config.random_init:
@@ -164,39 +177,56 @@ def build_tokenizers(config: ExportConfig, targets: list[str],
     if unknown:
         raise ExportError(f"--tokenizer-ckpt names {', '.join(unknown)}, which is neither an output modality "
                           "nor a tokenised input (LULC, NDVI, coords)")
-    tokenizers, info = {}, {}
+    sources = []
     for i, name in enumerate(targets):
         changes = SMALL_TOKENIZER if config.tokenizer_size == "small" else {}
         cfg = tokenizer_config(name, image_size=config.image_size, **changes)
         path = config.tokenizer_ckpts.get(name)
+        seed = config.seed * 1000 + 17 * (i + 1)
         if path is None and config.random_init:
-            tok = build_tokenizer(cfg)
-            state = W.random_state(tok.state_dict(), seed=config.seed * 1000 + 17 * (i + 1))
-            tokenizers[name] = load_tokenizer(name, state, cfg)
-            info[name] = {"random_init": True, "size": config.tokenizer_size}
+            sources.append(TokenizerSource(name, cfg, None, seed, {"random_init": True, "size": config.tokenizer_size}))
             continue
         source = "file" if path else "huggingface_hub"
         path = Path(path) if path else W.hub_tokenizer(name)
         log(f"tokenizer {name}: {path}")
-        try:
-            tokenizers[name] = load_tokenizer(name, W.read_state_dict(path), cfg)
-        except ValueError as exc:
-            raise W.WeightsError(f"{path}: {exc}") from exc
-        info[name] = {"random_init": False, "source": source, "file": path.name, "sha256": sha256_file(path)}
-    return {k: t.eval() for k, t in tokenizers.items()}, info
+        if not path.is_file():
+            raise W.WeightsError(f"checkpoint {path} does not exist")
+        sources.append(TokenizerSource(name, cfg, path, seed, {"random_init": False, "source": source,
+                                                                 "file": path.name, "sha256": sha256_file(path)}))
+    return sources
 
 
-def _trace(spec: GraphSpec, path: Path, opset: int) -> None:
+def load_tokenizer_from(source: TokenizerSource) -> Tokenizer:
+    if source.path is None:
+        # Random values drawn straight into the built modules (what loading ``W.random_state``
+        # would give, without a second copy of the weights).
+        tok = build_tokenizer(source.config)
+        with torch.no_grad():
+            for tensor, value in W.random_values(tok.state_dict(), seed=source.seed):
+                if value is not tensor:
+                    tensor.copy_(value)
+        return tok.eval()
+    try:
+        return load_tokenizer(source.name, W.read_state_dict(source.path), source.config).eval()
+    except ValueError as exc:
+        raise W.WeightsError(f"{source.path}: {exc}") from exc
+
+
+def build_tokenizers(config: ExportConfig, targets: list[str],
+                     log: Callable[[str], None] = print) -> tuple[dict[str, Tokenizer], dict]:
+    """The tokenizer of every target, all at once: from --tokenizer-ckpt, the HF hub, or random
+    (with --random-init)."""
+    sources = tokenizer_sources(config, targets, log)
+    return {s.name: load_tokenizer_from(s) for s in sources}, {s.name: s.info for s in sources}
+
+
+def _trace(spec: GraphSpec, path: Path, opset: int) -> WeightlessModel:
     # Batch 2: the exporter may specialise a dimension of size 1 (and 0).
     dummy = spec.sample(2, torch.Generator().manual_seed(1))
     axes = {d.name: d.dynamic_axes() for d in spec.inputs + spec.outputs if d.dynamic_axes()}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            spec.module, dummy, str(path), input_names=[d.name for d in spec.inputs],
-            output_names=[d.name for d in spec.outputs], dynamic_axes=axes, opset_version=opset,
-            do_constant_folding=True, dynamo=False,
-        )
+    return streaming.trace(spec.module, dummy, path, input_names=[d.name for d in spec.inputs],
+                           output_names=[d.name for d in spec.outputs], dynamic_axes=axes, opset_version=opset,
+                           do_constant_folding=True)
 
 
 def name_outputs(spec: GraphSpec, model: onnx.ModelProto) -> None:
@@ -243,43 +273,47 @@ def check_dims(spec: GraphSpec, model: onnx.ModelProto) -> None:
                 dim.dim_value = want
 
 
-def _save(model: onnx.ModelProto, path: Path, threshold: int) -> list[str]:
-    """Save, with weights in an external file when the graph is too big for one protobuf."""
-    size = sum(t.ByteSize() for t in model.graph.initializer)
-    if size <= threshold:
-        onnx.save_model(model, str(path))
-        return []
-    data_name = path.name + ".data"
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data_name, size_threshold=1024)
-    os.chmod(path.parent / data_name, 0o644)  # onnx creates it owner-only; the graph file is 0644
-    return [data_name]
-
-
 def export_graph(spec: GraphSpec, workdir: Path, config: ExportConfig, log: Callable[[str], None]) -> dict:
     start = time.perf_counter()
     # Its own directory: a graph over 2 GB is traced with one external file per tensor, which must
     # not end up beside the final graphs.
     trace_dir = workdir / f".trace-{spec.name}"
     trace_dir.mkdir()
-    raw = trace_dir / "raw.onnx"
-    _trace(spec, raw, config.opset)
-    model = onnx.load(str(raw))
+    with step("trace", graph=spec.name):
+        graph = _trace(spec, trace_dir / "raw.onnx", config.opset)
     shutil.rmtree(trace_dir)
-    name_outputs(spec, model)
+    if spec.reference is not None:
+        # The traced rewrite (Winograd: 4x the convolution weights) is in ``graph`` now and
+        # validation runs the reference: let its own tensors go once they are saved.
+        spec.module = spec.reference
+    name_outputs(spec, graph.model)
+    # Weights are graph inputs here: the passes below see the (small) graph alone.
+    streaming.deduplicate(graph)
     simplified = False
     if config.simplify:
         try:
-            model = _simplify(model)
+            with step("simplify"):
+                graph.model = _simplify(graph.model)
+            graph.order_by_first_use()  # onnxslim's order, had it held the weights
             simplified = True
         except Exception as exc:  # onnxslim fails on some big graphs; the traced graph is still valid
             log(f"  {spec.name}: simplification failed ({exc}); keeping the traced graph")
-    check_dims(spec, model)
+    streaming.prune(graph)
+    check_dims(spec, graph.model)
     precision = config.precision if spec.allow_reduced_precision else "fp32"
     if precision == "fp16":
-        model = to_fp16(model)
+        with step("fp16"):
+            # Shapes inferred while the weights are still graph inputs (a weightless protobuf to
+            # copy, not the whole model four times); the conversion needs the weights in place.
+            graph.model = onnx.shape_inference.infer_shapes(graph.model)
+            order = graph.order
+            graph = streaming.detach(to_fp16(streaming.attach(graph), shapes_inferred=True))
+            graph.order = order
     path = workdir / spec.file
-    external = _save(model, path, config.external_data_threshold)
+    with step("save"):
+        external = streaming.save(graph, path, config.external_data_threshold)
+    del graph
+    release_memory()
     entry = {
         "file": spec.file, "sha256": sha256_file(path),
         "external_data": [{"file": f, "sha256": sha256_file(workdir / f)} for f in external],
@@ -292,7 +326,8 @@ def export_graph(spec: GraphSpec, workdir: Path, config: ExportConfig, log: Call
     msg = f"exported in {time.perf_counter() - start:.1f}s"
     if config.validate:
         t0 = time.perf_counter()
-        result = summarize(validate_graph(spec, str(path)), entry["max_rel_error"], spec.max_mismatch)
+        with step("validate"):
+            result = summarize(validate_graph(spec, str(path)), entry["max_rel_error"], spec.max_mismatch)
         entry["validation"] = result
         extra = ""
         if "argmax_agreement" in result:
@@ -381,8 +416,9 @@ def export(config: ExportConfig, log: Callable[[str], None] = print) -> dict:
     if config.winograd and config.precision != "fp32":
         raise ExportError("--winograd is for fp32 graphs on ONNX Runtime CPU; fp16 Winograd loses too much "
                           "precision (and GPU runtimes choose Winograd kernels themselves)")
-    start = time.perf_counter()
-    model, weights = build_reference(config, log)
+    start, memory = time.perf_counter(), PeakWindow()
+    with step("reference model", graph="-"):
+        model, weights = build_reference(config, log)
     tokenized = [get_modality(m).name for m in config.modalities if not is_coords(m) and get_modality(m).tokenized]
     needed = list(model.targets) + [n for n in tokenized if n not in model.targets]
     if COORDS.name in config.tokenizer_ckpts and not (model.coords_input or model.coords_target):
@@ -394,25 +430,52 @@ def export(config: ExportConfig, log: Callable[[str], None] = print) -> dict:
             CoordsTokenizer(coords_file)  # fails on a file that does not fit TerraMind's coords vocabulary
         except ValueError as exc:
             raise ExportError(str(exc)) from exc
-    tokenizers, weights["tokenizers"] = build_tokenizers(config, needed, log)
+    sources = tokenizer_sources(config, needed, log)
+    weights["tokenizers"] = {s.name: s.info for s in sources}
     if COORDS.name in needed:
         weights["tokenizers"][COORDS.name] = coords_info
-    specs = all_specs(model) + [s for name, tok in tokenizers.items()
-                                for s in tokenizer_specs(name, tok, decoder=name in model.targets,
-                                                         winograd=config.winograd)]
+    specs = all_specs(model)
+    count = len(specs) + sum(2 if s.name in model.targets else 1 for s in sources)
     out.parent.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         graphs = {}
-        for i, spec in enumerate(specs, 1):
-            log(f"[{i}/{len(specs)}] {spec.name}")
-            graphs[spec.name] = export_graph(spec, workdir, config, log)
+
+        def export_all(specs: list[GraphSpec]) -> None:
+            while specs:  # a graph's spec (and the modules only it holds) goes once it is done
+                spec = specs.pop(0)
+                log(f"[{len(graphs) + 1}/{count}] {spec.name}")
+                graphs[spec.name] = export_graph(spec, workdir, config, log)
+                del spec
+                release_memory()
+
+        export_all(specs)
+        # One graph's weights in memory at a time, plus the reference it is checked against:
+        # TerraMind's go before the first tokenizer is loaded, and each tokenizer's after its graphs.
+        model.to("meta")
+        release_memory()
+        tokenizers = {}
+        for source in sources:
+            with step("load tokenizer", graph=source.name):
+                tok = load_tokenizer_from(source)
+            export_all(tokenizer_specs(source.name, tok, decoder=False))  # the encoder graph
+            tok.encoder.to("meta")
+            release_memory()
+            if source.name in model.targets:  # the decoder graph (its Winograd rewrite made only now)
+                export_all(tokenizer_specs(source.name, tok, winograd=config.winograd)[1:])
+            tok.decoder.to("meta")
+            tokenizers[source.name] = tok  # the manifest reads its config
+            del tok
+            release_memory()
         files = {}
         if COORDS.name in needed:
             shutil.copyfile(coords_file, workdir / COORDS_TOKENIZER_FILE)
             files["coords_tokenizer"] = {"file": COORDS_TOKENIZER_FILE,
                                          "sha256": sha256_file(workdir / COORDS_TOKENIZER_FILE)}
         manifest = _manifest(config, model, weights, graphs, tokenizers, files)
+        # What this export needed, for its users' machines (and the bound tests/test_export_memory.py checks).
+        written = sum(p.stat().st_size for p in workdir.iterdir() if p.is_file())
+        manifest["validation"].update(peak_rss_bytes=memory.close(), export_bytes=written)
         (workdir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
         failed = [n for n, g in graphs.items() if not g.get("validation", {"passed": True})["passed"]]
         if failed:
@@ -420,8 +483,10 @@ def export(config: ExportConfig, log: Callable[[str], None] = print) -> dict:
         _replace(workdir, out)
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
+        memory.close()
         raise
-    log(f"wrote {len(specs)} graphs to {out} in {time.perf_counter() - start:.1f}s")
+    log(f"wrote {len(graphs)} graphs ({written / 1e9:.2f} GB) to {out} in {time.perf_counter() - start:.1f}s; "
+        f"peak RSS {manifest['validation']['peak_rss_bytes'] / 1e9:.2f} GB")
     return manifest
 
 

@@ -8,6 +8,7 @@ import onnxruntime as ort
 import torch
 
 from .graphs import GraphSpec
+from .memory import step
 
 
 @dataclass
@@ -60,16 +61,18 @@ def compare(name: str, batch: int, got: np.ndarray, ref: np.ndarray, quantised: 
 
 def validate_graph(spec: GraphSpec, onnx_path: str, batches: tuple[int, ...] = (1, 3), seed: int = 0) -> list[OutputError]:
     """Run the graph on ONNX Runtime (CPU) and the reference on the same random inputs."""
-    session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    with step("session"):
+        session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
     gen = torch.Generator().manual_seed(seed)
     errors = []
     for batch in batches:
         inputs = spec.sample(batch, gen)
-        with torch.no_grad():
+        with torch.no_grad(), step(f"reference b{batch}"):
             ref = (spec.reference or spec.module)(*inputs)
         ref = ref if isinstance(ref, (tuple, list)) else (ref,)
         feeds = {decl.name: t.numpy() for decl, t in zip(spec.inputs, inputs)}
-        got = session.run([d.name for d in spec.outputs], feeds)
+        with step(f"ort b{batch}"):
+            got = session.run([d.name for d in spec.outputs], feeds)
         errors += [compare(d.name, batch, g, r.numpy(), quantised=d.name in spec.quantised_outputs,
                            argmax_axis=spec.extra.get("argmax_axis") if d.name == "logits" else None)
                    for d, g, r in zip(spec.outputs, got, ref)]
