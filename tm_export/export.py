@@ -273,7 +273,31 @@ def check_dims(spec: GraphSpec, model: onnx.ModelProto) -> None:
                 dim.dim_value = want
 
 
-def export_graph(spec: GraphSpec, workdir: Path, config: ExportConfig, log: Callable[[str], None]) -> dict:
+def release_weights(modules: list[torch.nn.Module], keep: set[int]) -> None:
+    """Free the parameters and buffers of ``modules`` (moved to the meta device: the modules keep
+    their structure) except those whose ``id`` is in ``keep`` (later graphs need them)."""
+    with torch.no_grad():
+        for module in modules:
+            for sub in module.modules():
+                for name, param in sub._parameters.items():
+                    if param is not None and id(param) not in keep and not param.is_meta:
+                        sub._parameters[name] = torch.nn.Parameter(torch.empty_like(param, device="meta"),
+                                                                   requires_grad=param.requires_grad)
+                for name, buf in sub._buffers.items():
+                    if buf is not None and id(buf) not in keep and not buf.is_meta:
+                        sub._buffers[name] = torch.empty_like(buf, device="meta")
+
+
+def _tensor_ids(specs: list[GraphSpec]) -> set[int]:
+    modules = [m for s in specs for m in (s.module, s.reference) if m is not None]
+    return {id(t) for m in modules for t in (*m.parameters(), *m.buffers())}
+
+
+def export_graph(spec: GraphSpec, workdir: Path, config: ExportConfig, log: Callable[[str], None],
+                 keep: set[int] | None = None) -> dict:
+    """Export, save and validate one graph. With ``keep`` (ids of the tensors later graphs use),
+    the graph's other torch weights are freed once the reference outputs are computed, before
+    ONNX Runtime loads the saved graph; without, nothing is freed."""
     start = time.perf_counter()
     # Its own directory: a graph over 2 GB is traced with one external file per tensor, which must
     # not end up beside the final graphs.
@@ -327,7 +351,10 @@ def export_graph(spec: GraphSpec, workdir: Path, config: ExportConfig, log: Call
     if config.validate:
         t0 = time.perf_counter()
         with step("validate"):
-            result = summarize(validate_graph(spec, str(path)), entry["max_rel_error"], spec.max_mismatch)
+            modules = [m for m in (spec.module, spec.reference) if m is not None]
+            release = None if keep is None else lambda: release_weights(modules, keep)
+            result = summarize(validate_graph(spec, str(path), release=release), entry["max_rel_error"],
+                               spec.max_mismatch)
         entry["validation"] = result
         extra = ""
         if "argmax_agreement" in result:
@@ -442,31 +469,30 @@ def export(config: ExportConfig, log: Callable[[str], None] = print) -> dict:
         graphs = {}
 
         def export_all(specs: list[GraphSpec]) -> None:
-            while specs:  # a graph's spec (and the modules only it holds) goes once it is done
+            while specs:  # a graph's spec (and the weights only it uses) go once it is done
                 spec = specs.pop(0)
                 log(f"[{len(graphs) + 1}/{count}] {spec.name}")
-                graphs[spec.name] = export_graph(spec, workdir, config, log)
+                keep = _tensor_ids(specs)
+                graphs[spec.name] = export_graph(spec, workdir, config, log, keep=keep)
+                release_weights([m for m in (spec.module, spec.reference) if m is not None], keep)
                 del spec
                 release_memory()
 
+        # One graph's weights in memory at a time, plus the reference it is checked against (the
+        # reference's own weights go before ONNX Runtime loads the graph's, when no later graph
+        # needs them): the tokenizers are loaded one by one after TerraMind's graphs are done.
         export_all(specs)
-        # One graph's weights in memory at a time, plus the reference it is checked against:
-        # TerraMind's go before the first tokenizer is loaded, and each tokenizer's after its graphs.
-        model.to("meta")
+        model.to("meta")  # what no graph used
         release_memory()
         tokenizers = {}
         for source in sources:
             with step("load tokenizer", graph=source.name):
                 tok = load_tokenizer_from(source)
             export_all(tokenizer_specs(source.name, tok, decoder=False))  # the encoder graph
-            tok.encoder.to("meta")
-            release_memory()
-            if source.name in model.targets:  # the decoder graph (its Winograd rewrite made only now)
+            if source.name in model.targets:  # the decoder graph, its Winograd rewrite made only now
                 export_all(tokenizer_specs(source.name, tok, winograd=config.winograd)[1:])
-            tok.decoder.to("meta")
-            tokenizers[source.name] = tok  # the manifest reads its config
+            tokenizers[source.name] = tok  # (weightless by now) the manifest reads its config
             del tok
-            release_memory()
         files = {}
         if COORDS.name in needed:
             shutil.copyfile(coords_file, workdir / COORDS_TOKENIZER_FILE)

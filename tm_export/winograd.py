@@ -53,6 +53,21 @@ class _DepthToSpaceDCR(torch.autograd.Function):
         return g.op("DepthToSpace", x, blocksize_i=block, mode_s="DCR")
 
 
+class _BroadcastMatMul(torch.autograd.Function):
+    """``torch.matmul(u, v)`` for u (P, 1, K, C) and v (P, B, C, T), exported as the one ONNX
+    MatMul it is. torch's own matmul copies u once per batch row to broadcast it, and the ONNX
+    tracer keeps every such copy alive until the trace ends (B x the transformed weights: 3.4 GB
+    for an official UNet at the trace's batch of 2); this runs one matmul per row instead."""
+
+    @staticmethod
+    def forward(ctx, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # noqa: ARG004 - autograd signature
+        return torch.stack([torch.matmul(u[:, 0], v[:, b]) for b in range(v.shape[1])], dim=1)
+
+    @staticmethod
+    def symbolic(g, u, v):
+        return g.op("MatMul", u, v)
+
+
 class WinogradConv2d(nn.Module):
     """Drop-in for a 3x3, stride 1, padding 1, ungrouped ``nn.Conv2d`` (weights taken at
     construction: build it after loading the checkpoint). Spatial sizes are read as constants at
@@ -101,7 +116,7 @@ class WinogradConv2d(nn.Module):
         # (B, C*n*n, rows, cols): channel c's n*n transformed values of every tile
         v = F.conv2d(padded, self.input_kernel, stride=m, groups=self.in_channels)
         v = v.reshape(batch, self.in_channels, n * n, rows * cols).permute(2, 0, 1, 3)
-        prod = torch.matmul(self.u, v)  # (n*n, B, K, tiles)
+        prod = _BroadcastMatMul.apply(self.u, v)  # (n*n, B, K, tiles)
         y = torch.matmul(self.output_matrix, prod.reshape(n * n, -1))  # (m*m, B*K*tiles)
         # batch first (contiguous K*tiles blocks move), then the tiles' m x m outputs into place
         y = y.reshape(m * m, batch, self.out_channels * rows * cols).transpose(0, 1)
