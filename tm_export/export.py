@@ -337,7 +337,6 @@ def export_graph(spec: GraphSpec, workdir: Path, config: ExportConfig, log: Call
     with step("save"):
         external = streaming.save(graph, path, config.external_data_threshold)
     del graph
-    release_memory()
     entry = {
         "file": spec.file, "sha256": sha256_file(path),
         "external_data": [{"file": f, "sha256": sha256_file(workdir / f)} for f in external],
@@ -483,7 +482,7 @@ def export(config: ExportConfig, log: Callable[[str], None] = print) -> dict:
         # needs them): the tokenizers are loaded one by one after TerraMind's graphs are done.
         export_all(specs)
         model.to("meta")  # what no graph used
-        release_memory()
+        release_memory(collect=True)
         tokenizers = {}
         for source in sources:
             with step("load tokenizer", graph=source.name):
@@ -493,6 +492,7 @@ def export(config: ExportConfig, log: Callable[[str], None] = print) -> dict:
                 export_all(tokenizer_specs(source.name, tok, winograd=config.winograd)[1:])
             tokenizers[source.name] = tok  # (weightless by now) the manifest reads its config
             del tok
+            release_memory(collect=True)
         files = {}
         if COORDS.name in needed:
             shutil.copyfile(coords_file, workdir / COORDS_TOKENIZER_FILE)

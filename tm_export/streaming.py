@@ -115,7 +115,9 @@ def trace(module: torch.nn.Module, args: tuple, path: Path, **export_kwargs) -> 
             model = onnx.load(str(path))
             inputs = {v.name for v in model.graph.input}
             if set(captured) <= inputs:
-                graph = WeightlessModel(model, {name: _to_numpy(t) for name, t in captured.items()}, list(captured))
+                # The exporter's initializer order is that of the graph's inputs (``captured`` is sorted by name).
+                order = [v.name for v in model.graph.input if v.name in captured]
+                graph = WeightlessModel(model, {name: _to_numpy(captured[name]) for name in order}, order)
                 captured.clear()
                 _inline_small(graph)
                 return graph
