@@ -10,6 +10,7 @@ from tm_runtime.modalities import INPUT_MODALITIES
 from .bands import parse_bands
 from .export import ExportConfig, ExportError, export
 from .reference.terramind import VARIANTS
+from .tim import TimSettings
 from .weights import WeightsError
 
 
@@ -35,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "through their tokenizer, coords through the coords tokenizer file)")
     p.add_argument("--output-modalities", nargs="+", default=[], metavar="MOD",
                    help="generation targets: decoder graphs for S2L2A S1GRD S1RTC DEM NDVI LULC coords")
+    p.add_argument("--tim-modalities", nargs="+", default=[], metavar="MOD",
+                   help="a Thinking-in-Modalities backbone (terramind_v1_<size>_tim): embed first generates these "
+                        "modalities' tokens (e.g. LULC) and encodes them with the inputs; exports their decoders, "
+                        "not their tokenizers")
     p.add_argument("--tokenizer-ckpt", nargs="+", default=[], metavar="MOD=PATH",
                    help="tokenizer weights (TerraMind_Tokenizer_<MOD>.pt) per output modality, and coords=PATH "
                         "for the coords tokenizer's config.json; default: the HF hub")
@@ -74,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             image_size=args.image_size, opset=args.opset, simplify=not args.no_simplify,
             validate=not args.no_validate, max_rel_error=args.rtol, overwrite=args.overwrite,
             precision=args.precision, winograd=args.winograd,
+            tim=TimSettings(tuple(args.tim_modalities)) if args.tim_modalities else None,
         )
         export(config, log=lambda s: print(s, flush=True))
     except (ExportError, WeightsError, ValueError) as exc:

@@ -21,12 +21,14 @@ from tm_runtime.coords import COORDS_TOKENIZER_FILE, CoordsTokenizer
 from tm_runtime.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, sha256_file
 from tm_runtime.modalities import COORDS, get_modality, get_target, is_coords
 
+from . import tim
 from . import weights as W
 from .bands import select_bands
 from .graphs import GraphSpec, all_specs
 from .precision import FP16_MAX_REL_ERROR, check_precision, to_fp16
 from .reference.terramind import TerraMindModel, get_variant
 from .reference.tokenizers import Tokenizer, build_tokenizer, load_tokenizer, tokenizer_config
+from .tim import TimSettings
 from .tokenizer_graphs import tokenizer_specs
 from .validate import summarize, validate_graph
 from .winograd import TILE_SIZES
@@ -71,6 +73,7 @@ class ExportConfig:
     max_rel_error: float | None = None  # overrides every graph's fp32 tolerance
     overwrite: bool = False
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
+    tim: TimSettings | None = None  # a TiM backbone (terramind_v1_<size>_tim): see tim.py
 
 
 def _versions() -> dict[str, str]:
@@ -92,6 +95,14 @@ def _versions() -> dict[str, str]:
 
 def build_reference(config: ExportConfig, log: Callable[[str], None] = print) -> tuple[TerraMindModel, dict]:
     """The reference model with its weights, and the manifest's description of where they came from."""
+    model, _, info = build_models(config, log)
+    return model, info
+
+
+def build_models(config: ExportConfig,
+                 log: Callable[[str], None] = print) -> tuple[TerraMindModel, TerraMindModel | None, dict]:
+    """The reference model, a TiM backbone's separate generation model (None when the weights are
+    shared, see tim.py), and the manifest's description of where the weights came from."""
     variant = get_variant(config.size)
     if config.image_size % 16 or config.image_size < 16:
         raise ExportError(f"--image-size must be a positive multiple of 16, got {config.image_size}")
@@ -101,17 +112,22 @@ def build_reference(config: ExportConfig, log: Callable[[str], None] = print) ->
     targets = [COORDS.name if is_coords(t) else get_target(t).name for t in config.output_modalities]
     if len(set(targets)) != len(targets):
         raise ExportError(f"an output modality is listed twice: {config.output_modalities}")
-    state = path = None
+    tim_feed = list(config.tim.modalities) if config.tim else []  # the embedding encoder reads their tokens
+    if config.tim:
+        tim.check_tim_inputs(config.tim, config.modalities, config.bands)
+    state = path = generation_state = None
     if not config.random_init:
         path = Path(config.ckpt) if config.ckpt else W.hub_checkpoint(config.size)
         log(f"weights: {path}")
-        state = W.read_state_dict(path)
+        state, generation_state = tim.checkpoint_states(W.read_state_dict(path), config.tim, targets, str(path))
+    targets += [t for t in tim_feed if t not in targets]  # TiM modalities: their decoders, no tokenizers
     # Generated outputs condition later ones through their encoder token embedding; the official
     # checkpoints have one for every target (a checkpoint without it can still generate, unchained).
     def key(t: str) -> str:
         return COORDS.key if t == COORDS.name else get_target(t).key
 
-    conditioning = [t for t in targets if state is None or f"encoder_embeddings.{key(t)}.token_emb.weight" in state]
+    conditioning = [t for t in targets if t in tim_feed or state is None
+                    or f"encoder_embeddings.{key(t)}.token_emb.weight" in state]
     for t in sorted(set(targets) - set(conditioning)):
         log(f"note: the checkpoint has no encoder token embedding for {t}: it cannot condition other outputs")
     # Tokenised inputs (LULC, NDVI) enter the encoder through the same token embeddings; coords
@@ -120,6 +136,11 @@ def build_reference(config: ExportConfig, log: Callable[[str], None] = print) ->
     tokenized = [n for n in names if n != COORDS.name and get_modality(n).tokenized]
     conditioning += [n for n in tokenized if n not in conditioning]
     model = TerraMindModel(variant, raw, targets, image_size=config.image_size, conditioning=conditioning)
+    generation = None
+    if generation_state is not None:  # a TiM backbone's frozen enc-dec: its encoder side
+        feed = (list(config.tim.modalities) if config.tim.chained else []) + tokenized
+        generation = TerraMindModel(variant, raw, image_size=config.image_size, conditioning=feed).eval()
+        W.load_needed(generation, generation_state, f"{path} (TiM generation model, sampler.model.*)")
     if config.random_init:
         W.randomize(model, config.seed)
         info = {"random_init": True, "seed": config.seed, "source": "random-init"}
@@ -135,7 +156,7 @@ def build_reference(config: ExportConfig, log: Callable[[str], None] = print) ->
         if name not in raw:
             raise ExportError(f"--bands names {name}, which is not among --modalities {' '.join(names)}")
         select_bands(model.embedding(name), get_modality(name).bands, chosen)
-    return model.eval(), info
+    return model.eval(), generation, info
 
 
 def coords_tokenizer_path(config: ExportConfig, log: Callable[[str], None] = print) -> tuple[Path, dict]:
@@ -382,9 +403,10 @@ def export(config: ExportConfig, log: Callable[[str], None] = print) -> dict:
         raise ExportError("--winograd is for fp32 graphs on ONNX Runtime CPU; fp16 Winograd loses too much "
                           "precision (and GPU runtimes choose Winograd kernels themselves)")
     start = time.perf_counter()
-    model, weights = build_reference(config, log)
+    model, generation, weights = build_models(config, log)
     tokenized = [get_modality(m).name for m in config.modalities if not is_coords(m) and get_modality(m).tokenized]
-    needed = list(model.targets) + [n for n in tokenized if n not in model.targets]
+    outputs = tim.output_names(config.output_modalities)  # TiM modalities need no tokenizer decoder
+    needed = [t for t in model.targets if t in outputs] + [n for n in tokenized if n not in outputs]
     if COORDS.name in config.tokenizer_ckpts and not (model.coords_input or model.coords_target):
         raise ExportError("--tokenizer-ckpt names coords, which is neither in --modalities nor in --output-modalities")
     if model.coords_input or model.coords_target:
@@ -397,9 +419,10 @@ def export(config: ExportConfig, log: Callable[[str], None] = print) -> dict:
     tokenizers, weights["tokenizers"] = build_tokenizers(config, needed, log)
     if COORDS.name in needed:
         weights["tokenizers"][COORDS.name] = coords_info
-    specs = all_specs(model) + [s for name, tok in tokenizers.items()
-                                for s in tokenizer_specs(name, tok, decoder=name in model.targets,
-                                                         winograd=config.winograd)]
+    tim_specs, tim_renames = tim.generation_specs(model, generation)
+    specs = all_specs(model) + tim_specs + [s for name, tok in tokenizers.items()
+                                            for s in tokenizer_specs(name, tok, decoder=name in outputs,
+                                                                     winograd=config.winograd)]
     out.parent.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
@@ -413,6 +436,9 @@ def export(config: ExportConfig, log: Callable[[str], None] = print) -> dict:
             files["coords_tokenizer"] = {"file": COORDS_TOKENIZER_FILE,
                                          "sha256": sha256_file(workdir / COORDS_TOKENIZER_FILE)}
         manifest = _manifest(config, model, weights, graphs, tokenizers, files)
+        if config.tim:
+            manifest["tim"] = tim.tim_manifest(config.tim, tim_renames, generation is not None)
+            tim.mark_tim_only_targets(manifest["targets"], config.tim, outputs, graphs)
         (workdir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
         failed = [n for n, g in graphs.items() if not g.get("validation", {"passed": True})["passed"]]
         if failed:

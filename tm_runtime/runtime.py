@@ -18,6 +18,7 @@ from .iterative import check_decoding, iterative_decode
 from .merge import check_merge_method, merge_tokens
 from .modalities import COORDS, is_coords
 from .sampling import check_sampling_args, sample_tokens
+from .tim import TimConfig, TimOptions, generation_model, tim_parts
 
 Layers = int | Sequence[int] | str
 
@@ -82,6 +83,7 @@ class TerraMindRuntime:
                                     backend_options or {})
         self._encoder = self.manifest.data["encoder"]
         self._coords_tokenizer: CoordsTokenizer | None = None
+        self.tim: TimConfig | None = TimConfig.from_manifest(self.manifest.data)  # a TiM backbone's step
 
     # -- facts about the export -------------------------------------------------------------
     @property
@@ -196,7 +198,12 @@ class TerraMindRuntime:
     @property
     def output_modalities(self) -> list[str]:
         coords = self.manifest.coords
-        return list(self.manifest.targets) + ([COORDS.name] if coords and coords.output else [])
+        return [t for t in self.manifest.targets if self._decodable(t)] + ([COORDS.name] if coords and coords.output
+                                                                           else [])
+
+    def _decodable(self, name: str) -> bool:
+        """False for a TiM modality exported for the TiM step only (a decoder, no tokenizer decoder)."""
+        return not self.manifest.data["targets"][name].get("tim_only", False)
 
     def _target(self, modality: str):
         from .modalities import get_target
@@ -223,14 +230,15 @@ class TerraMindRuntime:
                check_finite: bool = True) -> np.ndarray:
         """The decoder's logits (B, N, V) for one output modality, in position order (row-major
         over the token grid), for custom sampling or uncertainty maps. (coords is decoded token by
-        token: see ``coords_logits``.)"""
+        token: see ``coords_logits``.) A TiM modality's logits come from the TiM generation model."""
         if is_coords(modality):
             raise ValueError("coords is generated token by token; use coords_logits(inputs, ids) for the logits "
                              "of a given sequence, or generate(inputs, ['coords'])")
         target = self._target(modality)
         arrays, coords, _ = self._prepare_inputs(inputs, standardize, check_finite)
-        encoded, emb = self.encode_context(arrays, coords)
-        return self.decoder_logits(target.name, encoded, emb)
+        model = generation_model(self, self.tim) if self.tim and target.name in self.tim.modalities else self
+        encoded, emb = model.encode_context(arrays, coords)
+        return model.decoder_logits(target.name, encoded, emb)
 
     def coords_logits(self, inputs: Mapping[str, np.ndarray], ids: np.ndarray, standardize: bool = False,
                       check_finite: bool = True) -> np.ndarray:
@@ -263,7 +271,11 @@ class TerraMindRuntime:
         if is_coords(modality):
             self._coords_output()
             return COORDS.name
-        return self._target(modality).name
+        name = self._target(modality).name
+        if not self._decodable(name):
+            raise ValueError(f"{name} was exported for the TiM step only (its decoder, not its tokenizer): it "
+                             f"cannot be generated as an image; re-export with --output-modalities {name}")
+        return name
 
     # -- tokenizers -------------------------------------------------------------------------
     @property
@@ -291,7 +303,7 @@ class TerraMindRuntime:
         """
         if is_coords(modality):
             return self.coords_tokenizer.decode(tokens)
-        target = self._target(modality)
+        target = self._target(self._output_name(modality))
         timesteps = check_timesteps(timesteps)
         ids = check_tokens(target.name, tokens, target.vocab_size, self.grid)
         codes = codes_for(target.fsq_levels, ids)
@@ -502,6 +514,11 @@ class TerraMindRuntime:
         layers: Layers = -1,
         standardize: bool = False,
         check_finite: bool = True,
+        tim_temperature: float | None = None,
+        tim_top_p: float | None = None,
+        tim_top_k: int | None = None,
+        tim_decoding_steps: int | None = None,
+        seed: int | None = None,
     ):
         """Embeddings of the given modalities, as terratorch's TerraMind backbone returns them.
 
@@ -513,13 +530,23 @@ class TerraMindRuntime:
         'all' (a list of every layer; only the last one is normed, as upstream).
         ``merge_method``: 'mean' | 'max' | 'concat' | 'dict' | None (see ``merge.merge_tokens``).
         ``standardize``: apply TerraMind's pretraining mean/std per channel first.
+        TiM backbones (``rt.tim``; see ``tim``) first generate the tokens of their TiM modalities
+        that are not among the inputs and encode them after the inputs; 'mean'/'max'/'concat'
+        merge them in and, as upstream, 'dict' returns the inputs only. ``tim_temperature``,
+        ``tim_top_p``, ``tim_top_k``, ``tim_decoding_steps`` (None: the export's defaults,
+        upstream's 1.0, 0.8, 0, 1) and ``seed`` steer its sampling; temperature 0 is argmax.
         """
         check_merge_method(merge_method)
+        options = TimOptions.resolve(self.tim, tim_temperature, tim_top_p, tim_top_k, tim_decoding_steps, seed)
         indices, single = self._layer_indices(layers)
         arrays, coords, order = self._prepare_inputs(inputs, standardize, check_finite)
         parts = self._input_parts(arrays, coords, order)
-        tokens = np.concatenate([t for _, t, _ in parts], axis=1)
-        layout = [(name, t.shape[1], name != COORDS.name) for name, t, _ in parts]
-        missing = len(self.manifest.modalities) - len(arrays)
+        thought = tim_parts(self, self.tim, arrays, coords, order, parts, options) if self.tim else []
+        tokens = np.concatenate([t for _, t, _ in parts + thought], axis=1)
+        layout = [(name, t.shape[1], name != COORDS.name) for name, t, _ in parts + thought]
+        images = set(self.manifest.modalities) | set(self.tim.modalities if self.tim else ())
+        missing = len(images) - len(arrays) - len(thought)
         merged = [merge_tokens(out, layout, merge_method, missing) for out in self.encode(tokens, indices)]
+        if merge_method == "dict" and thought:
+            merged = [{k: v for k, v in m.items() if k in order} for m in merged]
         return merged[0] if single else merged

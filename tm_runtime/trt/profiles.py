@@ -78,13 +78,16 @@ def tokens_per_modality(manifest: Manifest) -> int:
 def max_context_modalities(manifest: Manifest) -> int:
     """The most modalities the encoder (and decoders) can see at once.
 
-    ``embed`` feeds at most every input modality (M). Chained ``generate`` feeds the inputs plus
+    ``embed`` feeds at most every input modality (M; a TiM backbone's TiM modalities count as
+    inputs). Chained ``generate`` feeds the inputs plus
     every output except the last; outputs cannot also be inputs, and only targets with a
     token-embedding graph can be fed back. So the context is at most the union of input
     modalities and feedable targets, minus one when every target is in that union (the last
     output must then come from it). Never less than M. This is at most M + #targets - 1.
     """
     inputs = set(manifest.modalities)
+    if manifest.data.get("tim"):  # a TiM backbone's encoder also reads the modalities it generated
+        inputs |= set(manifest.data["tim"]["modalities"])
     m = len(inputs)
     targets = manifest.targets
     if not targets:  # (coords tokens are counted apart, in dim_ranges)
