@@ -149,6 +149,8 @@ def run_embed_benchmark(config: EmbedBenchConfig, log: Log = print) -> dict[str,
     rss_start = machine.current_rss_bytes()
     peak_reset = machine.reset_peak_rss()
     rt = TerraMindRuntime(config.export_dir, threads=threads, backend=runtime_backend(config.backend))
+    if rt.tim:  # its FLOP floor, per-graph split and terratorch twin would all be those of a plain backbone
+        raise ValueError(f"{config.export_dir} is a TiM backbone; tm-bench embed does not measure TiM exports yet")
     if config.ort_spinning and config.backend != "ort-cpu":
         raise ValueError("--ort-spinning applies to --backend ort-cpu only")
     if config.ort_spinning:

@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --random-init: shrunken tokenizer architectures (fast tests and demos)")
     p.add_argument("--out", required=True, type=Path, help="export directory (written atomically)")
     w = p.add_mutually_exclusive_group()
-    w.add_argument("--ckpt", type=Path, help="TerraMind_v1_<size>.pt (or .safetensors); default: the HF hub")
+    w.add_argument("--ckpt", type=Path, help="TerraMind_v1_<size>.pt (or .safetensors); default: the HF hub. "
+                   "With --tim-modalities also a TiM backbone's state_dict (its own sampler.model.* weights)")
     w.add_argument("--random-init", action="store_true", help="random weights, for tests and benchmarks")
     p.add_argument("--seed", type=int, default=0, help="seed for --random-init")
     p.add_argument("--bands", nargs="+", default=[], metavar="MOD=B1,B2",

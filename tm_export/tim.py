@@ -174,8 +174,7 @@ def mark_tim_only_targets(targets: dict[str, dict], settings: TimSettings, outpu
         entry = targets[name]
         entry["tim_only"] = True
         entry["unet_graph"] = entry["detokenize_graph"] = None
-        entry["tokenizer_config"] = None
-        if entry.get("tokenize_graph") not in graphs:
+        if entry.get("tokenize_graph") not in graphs:  # kept when the modality is a tokenised input too
             entry["tokenize_graph"] = None
 
 
