@@ -82,7 +82,7 @@ def test_trt_profiles_count_tim_modalities(rt):
 
 # -- the TiM step ---------------------------------------------------------------------------------
 def test_argmax_is_deterministic_and_ignores_the_seed(rt):
-    x = {"S1GRD": s1()}
+    x = {"S1GRD": s1(batch=1)}
     a = rt.embed(x, tim_temperature=0, seed=1)
     np.testing.assert_array_equal(a, rt.embed(x, tim_temperature=0, seed=2))
     np.testing.assert_array_equal(a, rt.embed(x, tim_temperature=0))
@@ -127,7 +127,7 @@ def test_chained_generation_matches_the_pieces(rt):
 def test_unchained_generation_sees_the_inputs_only(rt):
     unchained = TerraMindRuntime(rt.manifest.directory)
     unchained.tim = dataclasses.replace(unchained.tim, chained=False)
-    x = {"S1GRD": s1()}
+    x = {"S1GRD": s1(batch=1)}
     expected = pieces(rt, x["S1GRD"], seed=5, chained=False)
     got = tim_tokens(unchained, x, tim_top_p=1.0, seed=5)
     for name in expected:
@@ -136,17 +136,17 @@ def test_unchained_generation_sees_the_inputs_only(rt):
 
 
 def test_tim_modality_given_as_input_is_not_generated(rt):
-    x = {"S1GRD": s1(), "LULC": lulc_map()}
+    x = {"S1GRD": s1(batch=1), "LULC": lulc_map(batch=1)}
     assert list(tim_tokens(rt, x, tim_temperature=0)) == ["NDVI"]
     arrays = rt.prepare(x)
     t0, e0 = rt.backend.run("embed_S1GRD", {"image": arrays["S1GRD"]}, ["tokens", "emb"])
     lulc_ids = rt.backend.run("tokenize_LULC", {"image": arrays["LULC"]}, ["ids"])[0]
     t1, e1 = token_parts(rt, "LULC", lulc_ids)
     ctx, emb = np.concatenate([t0, t1], 1), np.concatenate([e0, e1], 1)
-    ndvi = rt.decoder_logits("NDVI", last_layer(rt, ctx), emb).argmax(-1).reshape(2, GRID, GRID)
+    ndvi = rt.decoder_logits("NDVI", last_layer(rt, ctx), emb).argmax(-1).reshape(1, GRID, GRID)
     t2, _ = token_parts(rt, "NDVI", ndvi)
     got = rt.embed(x, merge_method=None, tim_temperature=0)
-    assert got.shape == (2, 3 * GRID * GRID, 64)
+    assert got.shape == (1, 3 * GRID * GRID, 64)
     np.testing.assert_allclose(got, last_layer(rt, np.concatenate([t0, t1, t2], 1)), rtol=0, atol=1e-6)
     # every TiM modality given: no TiM step, the plain backbone
     only_lulc = {"LULC": lulc_map()}
@@ -156,7 +156,7 @@ def test_tim_modality_given_as_input_is_not_generated(rt):
 
 
 def test_merges_take_tim_tokens_as_upstream(rt):
-    x = {"S1GRD": s1()}
+    x = {"S1GRD": s1(batch=1)}
     raw = rt.embed(x, merge_method=None, tim_temperature=0)
     parts = np.split(raw, 3, axis=1)  # S1GRD, LULC, NDVI
     np.testing.assert_allclose(rt.embed(x, tim_temperature=0), np.mean(parts, axis=0), rtol=1e-6, atol=1e-6)
@@ -168,8 +168,8 @@ def test_merges_take_tim_tokens_as_upstream(rt):
     # 'concat': inputs, then TiM modalities, then zeros for each image modality neither given nor generated
     np.testing.assert_array_equal(rt.embed(x, merge_method="concat", tim_temperature=0),
                                   np.concatenate(parts, axis=-1))
-    only_lulc = rt.embed({"LULC": lulc_map()}, merge_method="concat", tim_temperature=0)  # S1GRD missing
-    assert only_lulc.shape == (2, GRID * GRID, 3 * 64) and not only_lulc[..., 128:].any()
+    only_lulc = rt.embed({"LULC": lulc_map(batch=1)}, merge_method="concat", tim_temperature=0)  # S1GRD missing
+    assert only_lulc.shape == (1, GRID * GRID, 3 * 64) and not only_lulc[..., 128:].any()
 
 
 def test_several_decoding_steps_extension(rt):

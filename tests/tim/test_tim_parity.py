@@ -33,7 +33,8 @@ from tm_export.export import ExportConfig, export  # noqa: E402
 from tm_export.tim import TimSettings  # noqa: E402
 from tm_runtime import TerraMindRuntime  # noqa: E402
 from tm_runtime.modalities import get_modality  # noqa: E402
-from tm_runtime.tim import tim_tokens  # noqa: E402
+from tm_runtime import tim as tim_module  # noqa: E402
+from tm_runtime.tim import generate_tim_tokens  # noqa: E402
 
 TOL = 1e-4
 INPUTS = ["S2L2A", "S1RTC"]
@@ -145,14 +146,21 @@ CASES = [("shared", INPUT_SETS[0], "mean"), ("shared", INPUT_SETS[1], "dict"),
 @pytest.mark.parametrize("which, names, merge_method", CASES, ids=lambda v: "+".join(v) if isinstance(v, tuple) else v)
 def test_embed_matches_terratorch_tim(request, which, names, merge_method):
     model, rt = request.getfixturevalue(which)
-    x = real_inputs(names)
+    x = real_inputs(names, batch=2 if len(names) > 1 else 1)
     ref, ref_ids = run_upstream(model, x, merge_method)
-    ids = tim_tokens(rt, x, standardize=True, tim_temperature=0)
-    assert list(ids) == [m for m in rt.tim.modalities]
-    for name, got in ids.items():
-        np.testing.assert_array_equal(got.reshape(got.shape[0], -1), ref_ids[KEYS[name]].numpy(),
+    ids = {}
+
+    def spy(*args, **kwargs):  # records the ids embed generates (what tim_tokens would return)
+        ids.update(generate_tim_tokens(*args, **kwargs))
+        return dict(ids)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tim_module, "generate_tim_tokens", spy)
+        got = rt.embed(x, merge_method=merge_method, layers="all", standardize=True, tim_temperature=0)
+    assert list(ids) == list(rt.tim.modalities)
+    for name, generated in ids.items():
+        np.testing.assert_array_equal(generated.reshape(generated.shape[0], -1), ref_ids[KEYS[name]].numpy(),
                                       err_msg=f"{which}: generated {name} tokens differ")
-    got = rt.embed(x, merge_method=merge_method, layers="all", standardize=True, tim_temperature=0)
     check_embedding(got, ref, f"{which} {'+'.join(names)} {merge_method}")
 
 
