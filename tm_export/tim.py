@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from tm_runtime.modalities import COORDS, TARGETS, get_modality, get_target, is_coords
+from tm_runtime.sampling import check_sampling_args
 
 from .graphs import GraphSpec, all_specs
 from .reference.terramind import TerraMindModel
@@ -65,6 +66,10 @@ class TimSettings:
         if isinstance(self.decoding_steps, bool) or not isinstance(self.decoding_steps, numbers.Integral) \
                 or self.decoding_steps < 1:
             raise ValueError(f"tim_decoding_steps must be an int >= 1, got {self.decoding_steps!r}")
+        try:
+            check_sampling_args(self.temperature, self.top_k, self.top_p)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"TiM sampling defaults (tim_temps, tim_top_k, tim_top_p): {exc}") from None
         if self.decoding_steps > 1 and not self.chained:
             raise ValueError("tim_decoding_steps > 1 feeds decoded tokens back to the generation encoder, "
                              "which needs tim_chained_generations=True")

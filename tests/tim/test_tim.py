@@ -228,6 +228,8 @@ def test_settings_from_terratorch_arguments():
                                           "backbone_tim_top_p": 0.0, "backbone_tim_top_k": 5})
     assert (s.modalities, s.temperature, s.top_p, s.top_k, s.chained) == (("NDVI", "LULC"), 0.5, 1.0, 5, True)
     assert TimSettings.from_backbone_kwargs({}).modalities == ("LULC",)  # upstream's default
+    with pytest.raises(ValueError, match="tim_top_k"):
+        TimSettings.from_backbone_kwargs({"tim_top_k": 0.1})  # upstream's fraction of the vocabulary: not ours
 
 
 def test_tim_backbone_state_split():
@@ -245,7 +247,8 @@ def test_tim_backbone_state_split():
     assert sorted(embedding) == ["encoder.0.attn.qkv.weight", "encoder_embeddings.untok_sen1grd@224.proj.weight",
                                  "encoder_norm.weight"]
     merged, gen = checkpoint_states(state, TimSettings(("LULC",)), [], "fit.ckpt")
-    assert gen.keys() == generation.keys() and "decoder.0.mlp.fc1.weight" in merged and "tokenizer.tok_lulc@224.x" not in merged
+    assert gen.keys() == generation.keys()
+    assert "decoder.0.mlp.fc1.weight" in merged and "tokenizer.tok_lulc@224.x" not in merged
     assert split_tim_state({"encoder.0.attn.qkv.weight": w}) is None
     with pytest.raises(ValueError, match="pass --tim-modalities"):
         checkpoint_states(state, None, [], "fit.ckpt")
