@@ -21,13 +21,14 @@ from .sampling import check_sampling_args, sample_tokens
 from .tim import TimConfig, TimOptions, generation_model, tim_parts
 
 Layers = int | Sequence[int] | str
+BACKENDS = ("ort", "ort-cuda", "tensorrt", "openvino")
 
 
 def make_backend(kind, paths, manifest, export_dir, providers, threads, profile_prefix, options: dict):
     """The engine behind the runtime (see ``TerraMindRuntime``); GPU backends import lazily."""
     if not isinstance(kind, str):
         if not callable(getattr(kind, "run", None)):
-            raise TypeError(f"backend must be 'ort', 'ort-cuda', 'tensorrt' or an object with run(), got {kind!r}")
+            raise TypeError(f"backend must be one of {', '.join(BACKENDS)} or an object with run(), got {kind!r}")
         return kind
     if kind != "ort" and providers:
         raise ValueError(f"providers= only applies to backend='ort', not {kind!r}")
@@ -41,7 +42,11 @@ def make_backend(kind, paths, manifest, export_dir, providers, threads, profile_
         from .backends.tensorrt import TensorRTBackend
 
         return TensorRTBackend.from_export(export_dir, **options)
-    raise ValueError(f"backend must be 'ort', 'ort-cuda' or 'tensorrt', got {kind!r}")
+    if kind == "openvino":
+        from .backends.openvino import OpenVinoBackend
+
+        return OpenVinoBackend.from_manifest(paths, manifest, options, threads)
+    raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {kind!r}")
 
 
 class _TokenizerInput:
@@ -61,8 +66,10 @@ class TerraMindRuntime:
         threads: intra-op threads per session (default: ONNX Runtime's choice).
         verify: check every graph file against the manifest's sha256 before use.
         backend: "ort" (ONNX Runtime with ``providers``), "ort-cuda" (IO binding on the GPU),
-            "tensorrt" (engines built/cached by tm-build-engines), or any object with ``run``.
-        backend_options: keyword arguments for the "ort-cuda" / "tensorrt" backends.
+            "tensorrt" (engines built/cached by tm-build-engines), "openvino" (OpenVINO, see
+            ``backends.openvino.OpenVinoOptions``), or any object with ``run``.
+        backend_options: keyword arguments for the "ort-cuda" / "tensorrt" backends; for "openvino"
+            device, precision, threads, cache_dir.
     """
 
     def __init__(
