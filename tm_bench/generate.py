@@ -22,7 +22,7 @@ from tm_runtime import TerraMindRuntime
 from tm_runtime import runtime as runtime_module
 from tm_runtime.scheduler import DDIMScheduler
 
-from .device import RecordingBackend, device_breakdown, format_breakdown, runtime_backend
+from .device import RecordingBackend, device_breakdown, engine_label, format_breakdown, runtime_backend, runtime_options
 from .machine import machine_info, numpy_sgemm_gflops, peak_rss_bytes, versions
 from .stats import summarize
 
@@ -40,7 +40,8 @@ class GenerateBenchConfig:
     threads: int | None = None
     compare_torch: bool = False
     seed: int = 0
-    backend: str = "ort-cpu"  # ort-cpu | ort-cuda | tensorrt
+    backend: str = "ort-cpu"  # ort-cpu | ort-cuda | tensorrt | openvino
+    precision: str | None = None  # openvino: fp32 | bf16 | fp16
 
 
 class TimingBackend:
@@ -129,7 +130,8 @@ def _stage_label(graph: str) -> str:
 
 def run_generate_benchmark(config: GenerateBenchConfig, log: Log = print) -> dict[str, Any]:
     threads = config.threads
-    rt = TerraMindRuntime(config.export_dir, threads=threads, backend=runtime_backend(config.backend))
+    rt = TerraMindRuntime(config.export_dir, threads=threads, backend=runtime_backend(config.backend),
+                          backend_options=runtime_options(config.backend, config.precision, threads))
     timing = TimingBackend(rt.backend)
     rt.backend = timing
     inputs = _inputs(rt, config.batch, config.seed)
@@ -161,13 +163,16 @@ def run_generate_benchmark(config: GenerateBenchConfig, log: Log = print) -> dic
     result: dict[str, Any] = {
         "command": "generate", "export_dir": str(config.export_dir), "outputs": outputs,
         "inputs": list(inputs), "timesteps": config.timesteps, "batch": config.batch, "iters": config.iters,
-        "threads": threads, "backend": config.backend, "machine": machine_info(), "versions": versions(include_torch=config.compare_torch),
+        "threads": threads, "backend": config.backend, "engine": engine_label(config.backend, config.precision),
+        "precision": config.precision, "machine": machine_info(), "versions": versions(include_torch=config.compare_torch),
         "graph_calls_per_generate": calls,
         "ort": {"end_to_end": summarize(end_to_end),
                 "stages": {label: summarize(s) for label, s in stage_samples.items()}},
         "peak_rss_bytes": peak_rss_bytes(),
     }
-    if config.backend != "ort-cpu":
+    if hasattr(timing.inner, "describe"):
+        result["openvino"] = timing.inner.describe()
+    if config.backend not in ("ort-cpu", "openvino"):
         result["device"] = _device_section(rt, timing.inner, ort_generate, log)
     sgemm = numpy_sgemm_gflops(threads or 2)
     result["sgemm"] = sgemm

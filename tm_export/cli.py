@@ -55,9 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="band subsets, e.g. S2L2A=BLUE,GREEN,RED,NIR_NARROW,SWIR_1,SWIR_2")
     p.add_argument("--image-size", type=int, default=224, help="input size in pixels (positions resized bicubically)")
     p.add_argument("--opset", type=int, default=17)
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "bf16"],
                    help="fp16: fp16 weights and math, fp32 for norms/softmax and the tokenizer encoders; "
-                        "float32 inputs/outputs (bf16: not supported yet)")
+                        "float32 inputs/outputs. int8: int8 MatMul/Gemm/Conv in the encoder, decoders and UNets "
+                        "for ONNX Runtime, calibrated and accuracy-gated on --calibration-data (bf16: run fp32 "
+                        "graphs on OpenVINO with precision bf16 instead)")
+    p.add_argument("--calibration-data", type=Path, default=None, metavar="DIR",
+                   help="--precision int8: tiles as DIR/<MODALITY>/*.tif (e.g. the TerraMesh examples) to "
+                        "calibrate on and, without --gate-data, to gate on")
+    p.add_argument("--gate-data", type=Path, default=None, metavar="DIR",
+                   help="--precision int8: tiles for the accuracy gates (default: --calibration-data)")
+    p.add_argument("--int8-method", choices=["static", "dynamic"], default="static",
+                   help="static: QDQ with calibrated activation ranges (default); dynamic: ranges per call")
     p.add_argument("--winograd", type=int, nargs="?", const=4, default=0, choices=[2, 4], metavar="M",
                    help="trace the tokenizer UNets' 3x3 convolutions as Winograd F(MxM,3x3) (default M=4): "
                         "~1.4x faster UNet steps on ONNX Runtime CPU, ~4x larger UNet files; fp32 only, "
@@ -79,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             random_init=args.random_init, seed=args.seed, bands=parse_bands(args.bands),
             image_size=args.image_size, opset=args.opset, simplify=not args.no_simplify,
             validate=not args.no_validate, max_rel_error=args.rtol, overwrite=args.overwrite,
-            precision=args.precision, winograd=args.winograd,
+            precision=args.precision, winograd=args.winograd, calibration_data=args.calibration_data,
+            gate_data=args.gate_data, int8_method=args.int8_method,
             tim=TimSettings(tuple(args.tim_modalities)) if args.tim_modalities else None,
         )
         export(config, log=lambda s: print(s, flush=True))

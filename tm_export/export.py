@@ -74,6 +74,10 @@ class ExportConfig:
     overwrite: bool = False
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
     tim: TimSettings | None = None  # a TiM backbone (terramind_v1_<size>_tim): see tim.py
+    # --precision int8 (see quantize.py): calibration tiles, gate tiles (default: the same), method
+    calibration_data: Path | None = None
+    gate_data: Path | None = None
+    int8_method: str = "static"
 
 
 def _versions() -> dict[str, str]:
@@ -305,7 +309,7 @@ def export_graph(spec: GraphSpec, workdir: Path, config: ExportConfig, log: Call
         except Exception as exc:  # onnxslim fails on some big graphs; the traced graph is still valid
             log(f"  {spec.name}: simplification failed ({exc}); keeping the traced graph")
     check_dims(spec, model)
-    precision = config.precision if spec.allow_reduced_precision else "fp32"
+    precision = config.precision if spec.allow_reduced_precision and config.precision != "int8" else "fp32"
     if precision == "fp16":
         model = to_fp16(model)
     path = workdir / spec.file
@@ -452,6 +456,10 @@ def export(config: ExportConfig, log: Callable[[str], None] = print) -> dict:
         failed = [n for n, g in graphs.items() if not g.get("validation", {"passed": True})["passed"]]
         if failed:
             raise ValidationFailed(f"graph(s) over tolerance: {', '.join(failed)}; nothing written to {out}")
+        if config.precision == "int8":  # quantise the validated fp32 graphs, then gate them
+            from .quantize import quantize_export
+            manifest = quantize_export(workdir, config.calibration_data, config.gate_data, config.int8_method,
+                                       seed=config.seed, log=log)
         _replace(workdir, out)
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
