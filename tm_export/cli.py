@@ -65,8 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "calibrate on and, without --gate-data, to gate on")
     p.add_argument("--gate-data", type=Path, default=None, metavar="DIR",
                    help="--precision int8: tiles for the accuracy gates (default: --calibration-data)")
-    p.add_argument("--int8-method", choices=["static", "dynamic"], default="static",
-                   help="static: QDQ with calibrated activation ranges (default); dynamic: ranges per call")
+    p.add_argument("--int8-method", choices=["dynamic", "static"], default="dynamic",
+                   help="dynamic: activation ranges per call (default); static: QDQ with activation ranges "
+                        "calibrated on --calibration-data")
+    p.add_argument("--int8-graphs", nargs="+", choices=["encoder", "decoders", "unet"],
+                   default=["encoder", "decoders", "unet"],
+                   help="which graphs --precision int8 quantises (default: all three; the rest stay fp32)")
     p.add_argument("--winograd", type=int, nargs="?", const=4, default=0, choices=[2, 4], metavar="M",
                    help="trace the tokenizer UNets' 3x3 convolutions as Winograd F(MxM,3x3) (default M=4): "
                         "~1.4x faster UNet steps on ONNX Runtime CPU, ~4x larger UNet files; fp32 only, "
@@ -89,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             image_size=args.image_size, opset=args.opset, simplify=not args.no_simplify,
             validate=not args.no_validate, max_rel_error=args.rtol, overwrite=args.overwrite,
             precision=args.precision, winograd=args.winograd, calibration_data=args.calibration_data,
-            gate_data=args.gate_data, int8_method=args.int8_method,
+            gate_data=args.gate_data, int8_method=args.int8_method, int8_graphs=args.int8_graphs,
             tim=TimSettings(tuple(args.tim_modalities)) if args.tim_modalities else None,
         )
         export(config, log=lambda s: print(s, flush=True))

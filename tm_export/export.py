@@ -77,7 +77,8 @@ class ExportConfig:
     # --precision int8 (see quantize.py): calibration tiles, gate tiles (default: the same), method
     calibration_data: Path | None = None
     gate_data: Path | None = None
-    int8_method: str = "static"
+    int8_method: str = "dynamic"
+    int8_graphs: list[str] = field(default_factory=lambda: ["encoder", "decoders", "unet"])
 
 
 def _versions() -> dict[str, str]:
@@ -410,6 +411,9 @@ def export(config: ExportConfig, log: Callable[[str], None] = print) -> dict:
     if out.exists() and not config.overwrite:
         raise ExportError(f"{out} already exists; pass --overwrite to replace it")
     check_precision(config.precision)
+    if config.precision == "int8":
+        from .quantize import check_int8_config
+        check_int8_config(config)
     if config.winograd not in (0,) + TILE_SIZES:
         raise ExportError(f"--winograd tile must be one of {TILE_SIZES}, got {config.winograd}")
     if config.winograd and config.precision != "fp32":
@@ -459,7 +463,7 @@ def export(config: ExportConfig, log: Callable[[str], None] = print) -> dict:
         if config.precision == "int8":  # quantise the validated fp32 graphs, then gate them
             from .quantize import quantize_export
             manifest = quantize_export(workdir, config.calibration_data, config.gate_data, config.int8_method,
-                                       seed=config.seed, log=log)
+                                       seed=config.seed, families=config.int8_graphs, log=log)
         _replace(workdir, out)
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
