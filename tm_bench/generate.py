@@ -187,7 +187,7 @@ def run_generate_benchmark(config: GenerateBenchConfig, log: Log = print) -> dic
             result["floor"] = {"flops": flops, "gflops_per_s": rate, "seconds": floor}
             for name, row in result["torch"]["contenders"].items():
                 row["floor_fraction"] = floor / row["p50"]
-            result["ort"]["floor_fraction"] = floor / result["torch"]["contenders"]["onnxruntime"]["p50"]
+            result["ort"]["floor_fraction"] = floor / result["torch"]["contenders"][result["engine"]]["p50"]
     return result
 
 
@@ -220,7 +220,7 @@ def format_generate_report(result: dict[str, Any]) -> str:
         lines += ["  " + line for line in format_breakdown(result["device"])]
     if "torch" in result:
         lines.append(f"\n  {'contender (interleaved)':<40} {'p50 s':>10} {'min s':>10} {'floor %':>8} {'ORT speed-up':>13}")
-        ort_p50 = result["torch"]["contenders"]["onnxruntime"]["p50"]
+        ort_p50 = result["torch"]["contenders"][result.get("engine", "onnxruntime")]["p50"]
         for name, row in result["torch"]["contenders"].items():
             frac = f"{row['floor_fraction']:.0%}" if "floor_fraction" in row else "-"
             lines.append(f"  {name:<40} {row['p50']:>10.2f} {row['min']:>10.2f} {frac:>8} {row['p50'] / ort_p50:>12.2f}x")

@@ -135,8 +135,10 @@ def make_contenders(manifest: Manifest, ckpt: Path | None, threads: int,
     """The reference (always) and terratorch (when importable), on the same weights: in fp32
     ("highest"), as a user gets it after ``import terratorch`` (which sets "medium": bf16 matmuls
     where the CPU has them) and, where the CPU has bf16, under torch.autocast(bfloat16)."""
+    import sys
+
     info: dict[str, Any] = {}
-    import_precision = torch.get_float32_matmul_precision()
+    fresh_import = "terratorch" not in sys.modules
     reference, notes = build_reference(manifest, ckpt)
 
     def run_reference(inputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -156,9 +158,11 @@ def make_contenders(manifest: Manifest, ckpt: Path | None, threads: int,
             with torch.inference_mode():
                 return upstream({name: torch.from_numpy(a) for name, a in inputs.items()})[-1].float().numpy()
 
-        # What `import terratorch` left behind (its clay_v15 module sets "medium").
-        as_imported = torch.get_float32_matmul_precision()
+        # What `import terratorch` leaves behind (its clay_v15 module sets "medium"): observed when
+        # this call imported it, else (imported earlier in this process) the documented "medium".
+        as_imported = torch.get_float32_matmul_precision() if fresh_import else "medium"
         info["matmul_precision_after_import"] = as_imported
+        info["matmul_precision_after_import_observed"] = fresh_import
         contenders.append(Contender("terratorch_as_imported", _with_precision(run_terratorch, as_imported), upstream,
                                     {**tt_notes, "matmul_precision": as_imported,
                                      "bf16_hardware": cpu_has_bf16()}))
@@ -170,7 +174,6 @@ def make_contenders(manifest: Manifest, ckpt: Path | None, threads: int,
                                         {**tt_notes, "autocast": "torch.autocast('cpu', dtype=torch.bfloat16)"}))
         else:
             info["terratorch_autocast_bf16"] = "skipped: this CPU has no AVX512_BF16 / AMX-BF16"
-    info["matmul_precision_before_terratorch"] = import_precision
     # After terratorch's import: put fp32 matmul precision and the thread count back.
     info["torch_settings"] = configure_torch(threads)
     return contenders, info
