@@ -67,6 +67,6 @@ def test_fp16_runtime_close_to_fp32(pair):
 def test_bf16_and_unknown_precision_are_refused(tmp_path):
     with pytest.raises(ValueError, match="bf16 graphs are not supported yet"):
         export(cfg(tmp_path / "b", "bf16"), log=lambda s: None)
-    with pytest.raises(ValueError, match="--precision must be one of fp32, fp16"):
-        export(cfg(tmp_path / "c", "int8"), log=lambda s: None)
+    with pytest.raises(ValueError, match="--precision must be one of fp32, fp16, int8"):
+        export(cfg(tmp_path / "c", "int4"), log=lambda s: None)
     assert list(tmp_path.iterdir()) == []
