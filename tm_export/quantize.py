@@ -11,8 +11,10 @@ Runs after every graph was exported and validated in fp32 (in the export's work 
 2. **Quantisation** (onnxruntime.quantization). ``dynamic`` (default): weights int8 per tensor,
    activation ranges computed per call, so no calibration error; on the tiny test export it is
    more accurate than static (UNet PSNR 30.8 vs 26.2 dB, encoder token cosine min 0.99992 vs
-   0.99984) and, on this project's AVX2 machine, no slower (static QDQ ran 0.9x of fp32; see
-   BENCHMARKS.md). ``static``: QDQ, weights int8 per output
+   0.99984) and, on this project's AVX2 machine, no slower on the encoder (static QDQ ran 0.9x of
+   fp32). Its convolutions become ``ConvInteger``, which ONNX Runtime runs slowly: the int8 UNet step
+   was 1.8x *slower* than fp32 here (BENCHMARKS.md), so for generation on such a CPU keep the UNet
+   fp32 (``--int8-graphs encoder decoders``). ``static``: QDQ, weights int8 per output
    channel in a 7-bit range (``reduce_range``: AVX2/AVX-512 without VNNI saturate u8 x s8 products in
    int16 otherwise), activations uint8 per tensor with MinMax ranges from step 1 (the calibration
    data matter only here). Only MatMul, Gemm and Conv *with a constant
