@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +12,7 @@ import pytest
 ov = pytest.importorskip("openvino", reason="the OpenVINO backend needs pip install 'tm-deploy[openvino]'")
 
 from tm_runtime import TerraMindRuntime  # noqa: E402
-from tm_runtime.backends.openvino import (OpenVinoBackend, OpenVinoError, OpenVinoOptions,  # noqa: E402
-                                          PrecisionUnsupported, unsupported_operators)
+from tm_runtime.backends.openvino import OpenVinoError, unsupported_operators  # noqa: E402
 from tm_runtime.manifest import sha256_file  # noqa: E402
 
 from ..conftest import random_inputs  # noqa: E402
