@@ -32,7 +32,7 @@ def test_graphs_have_symbolic_batch_and_tokens(tiny_export):
 
 def test_manifest_contents(tiny_export):
     m = json.loads((tiny_export / "manifest.json").read_text())
-    assert m["format"] == "tm-deploy-export" and m["format_version"] == 1
+    assert m["format"] == "tm-deploy-export" and m["format_version"] == 2
     assert m["model"]["size"] == "tiny" and m["model"]["dim"] == 192
     assert m["weights"] == {"random_init": True, "seed": 7, "source": "random-init", "tokenizers": {}}
     assert list(m["modalities"]) == ["S2L2A", "S1GRD", "DEM"]
@@ -69,6 +69,10 @@ def test_not_an_export(tmp_path):
         TerraMindRuntime(tmp_path)
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "tm-deploy-export", "format_version": 99}))
     with pytest.raises(ManifestError, match="format version 99"):
+        TerraMindRuntime(tmp_path)
+    # version 1 (a whole decoder per output) is not read, and the error says to re-export
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "tm-deploy-export", "format_version": 1}))
+    with pytest.raises(ManifestError, match="format version 1 .*Re-export it with this version's tm-export"):
         TerraMindRuntime(tmp_path)
 
 

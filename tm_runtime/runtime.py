@@ -9,6 +9,7 @@ import numpy as np
 from .backends import OrtBackend
 from .context import EncoderContext, per_group
 from .coords import COORDS_TOKENIZER_FILE, CoordsTokenizer, autoregressive_decode
+from .decoder import DecoderGraphs
 from .inputs import check_image, check_same_batch, class_map_to_one_hot, resolve_names
 from .inputs import standardize as standardize_image
 from .manifest import Manifest, load_manifest
@@ -82,6 +83,7 @@ class TerraMindRuntime:
         self.backend = make_backend(backend, paths, self.manifest, export_dir, providers, threads, profile_prefix,
                                     backend_options or {})
         self._encoder = self.manifest.data["encoder"]
+        self._decoder = DecoderGraphs(self.manifest)
         self._coords_tokenizer: CoordsTokenizer | None = None
         self.tim: TimConfig | None = TimConfig.from_manifest(self.manifest.data)  # a TiM backbone's step
 
@@ -222,9 +224,9 @@ class TerraMindRuntime:
         return self.encode(tokens, [self.num_layers - 1])[0], emb
 
     def decoder_logits(self, modality: str, encoder_output: np.ndarray, context_emb: np.ndarray) -> np.ndarray:
-        target = self._target(modality)
-        feeds = {"encoder_output": encoder_output, "context_emb": context_emb}
-        return self.backend.run(target.graph, feeds, ["logits"])[0]
+        """One image output's logits (B, N, V) from ``encode_context``'s (encoder output, context
+        embeddings): its queries through the shared decoder graph, then its head graph."""
+        return self._decoder.target_logits(self.backend, self._target(modality), encoder_output, context_emb)
 
     def logits(self, inputs: Mapping[str, np.ndarray], modality: str, standardize: bool = False,
                check_finite: bool = True) -> np.ndarray:
@@ -244,7 +246,7 @@ class TerraMindRuntime:
                       check_finite: bool = True) -> np.ndarray:
         """Causal decoder logits (B, L, V) of the coords sequence ``ids`` (B, L) ([S_1] first):
         position i scores the token after ids[:, i], seeing ids[:, :i + 1] only."""
-        graph = self._coords_output()
+        coords = self._coords_output()
         ids = np.asarray(ids)
         if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or not 1 <= ids.shape[1] <= COORDS.max_length - 1:
             raise ValueError(f"coords: ids must be an integer array (batch, L) with 1 <= L <= {COORDS.max_length - 1}, "
@@ -255,17 +257,16 @@ class TerraMindRuntime:
         encoded, emb = self.encode_context(arrays, coords)
         if ids.shape[0] != encoded.shape[0]:
             raise ValueError(f"coords: ids have batch {ids.shape[0]}, the inputs {encoded.shape[0]}")
-        return self.backend.run(graph, {"encoder_output": encoded, "context_emb": emb,
-                                        "ids": ids.astype(np.int64)}, ["logits"])[0]
+        return self._decoder.coords_logits(self.backend, coords, encoded, emb, ids)
 
-    def _coords_output(self) -> str:
-        """The coords decoder graph, or an error saying how to export it."""
+    def _coords_output(self):
+        """The coords entry of an export with coords as an output, or an error saying how to export it."""
         coords = self.manifest.coords
         if coords is None or not coords.output:
             exported = ", ".join(self.output_modalities) or "none"
             raise ValueError(f"output modality coords was not exported (exported targets: {exported}); "
                              "re-export with --output-modalities coords")
-        return coords.decoder_graph
+        return coords
 
     def _output_name(self, modality: str) -> str:
         if is_coords(modality):
@@ -462,11 +463,11 @@ class TerraMindRuntime:
                          top_p: float, progress) -> tuple[np.ndarray, list[int]]:
         """The autoregressive coords loop over the causal decoder graph; returns the merged ids
         (B, L) padded with [PAD] and each row's length."""
-        graph = self._coords_output()
+        coords = self._coords_output()
 
         def logits_fn(ids: np.ndarray) -> np.ndarray:
-            return per_group(groups, batch, lambda rows, enc, emb: self.backend.run(
-                graph, {"encoder_output": enc, "context_emb": emb, "ids": ids[rows]}, ["logits"])[0])
+            return per_group(groups, batch, lambda rows, enc, emb: self._decoder.coords_logits(
+                self.backend, coords, enc, emb, ids[rows]))
 
         generated = autoregressive_decode(logits_fn, batch, rng, temperature, top_k, top_p, progress=progress)
         return self.coords_tokenizer.merge(generated)
