@@ -278,7 +278,7 @@ def test_tokenizer_file_is_checked_and_required(coords_export, vocab, tmp_path, 
         (copy / f.name).write_bytes(f.read_bytes())
     (copy / "coords_tokenizer.json").write_text((copy / "coords_tokenizer.json").read_text() + " ")
     with pytest.raises(ManifestError, match="coords_tokenizer"):
-        TerraMindRuntime(copy)
+        TerraMindRuntime(copy).tokenize("coords", LONLAT)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
     with pytest.raises(Exception, match="--tokenizer-ckpt coords=PATH"):

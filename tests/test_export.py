@@ -57,8 +57,13 @@ def test_tampered_graph_is_refused(tiny_export, tmp_path):
     with open(copy / "embed_DEM.onnx", "r+b") as f:
         f.seek(-100, 2)
         f.write(b"\0" * 10)
+    # Checked when the graph is first used: the other modalities still embed, DEM is refused.
+    rt = TerraMindRuntime(copy)
+    assert rt.embed({"S1GRD": np.zeros((1, 2, 224, 224), np.float32)}).shape == (1, 196, 192)
     with pytest.raises(ManifestError, match="embed_DEM.*sha256"):
-        TerraMindRuntime(copy)
+        rt.embed({"DEM": np.zeros((1, 1, 224, 224), np.float32)})
+    with pytest.raises(ManifestError, match="embed_DEM.*sha256"):
+        TerraMindRuntime(copy, backend=rt.backend)  # a backend object: every file checked at load
     (copy / "encoder.onnx").unlink()
     with pytest.raises(ManifestError, match="encoder.onnx is missing"):
         load_manifest(copy).verify(["encoder"])
@@ -140,7 +145,7 @@ def test_external_data_is_used_for_big_graphs(tmp_path):
     with open(out / "encoder.onnx.data", "r+b") as f:
         f.write(b"\1\2\3")
     with pytest.raises(ManifestError, match="encoder.onnx.data has sha256"):
-        TerraMindRuntime(out)
+        TerraMindRuntime(out).embed({"S1GRD": np.zeros((1, 2, 224, 224), np.float32)})
 
 
 def test_band_subset_and_image_size(tmp_path):
@@ -186,7 +191,7 @@ def test_bad_export_arguments(tmp_path):
         parse_bands(["S2L2A=BLUE,PURPLE"])
     with pytest.raises(ValueError, match="unknown model size 'huge'"):
         export(ExportConfig(size="huge", modalities=["DEM"], out=tmp_path / "x", random_init=True), **QUIET)
-    with pytest.raises(ValueError, match="unknown modality 'LIDAR'"):
+    with pytest.raises(ValueError, match="unknown modality 'LIDAR'; known input modalities: .*NDVI, coords"):
         export(ExportConfig(size="tiny", modalities=["LIDAR"], out=tmp_path / "x", random_init=True), **QUIET)
     with pytest.raises(ExportError, match="--bands names S1GRD"):
         export(ExportConfig(size="tiny", modalities=["DEM"], out=tmp_path / "x", random_init=True,

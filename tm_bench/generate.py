@@ -182,6 +182,7 @@ def run_generate_benchmark(config: GenerateBenchConfig, log: Log = print) -> dic
         "ort": {"end_to_end": summarize(end_to_end),
                 "stages": {label: summarize(s) for label, s in stage_samples.items()}},
         "peak_rss_bytes": peak_rss_bytes(),
+        "export_peak_rss_bytes": rt.manifest.data.get("exporter", {}).get("peak_rss_bytes"),
     }
     if config.backend != "ort-cpu":
         result["device"] = _device_section(rt, timing.inner, ort_generate, log)
@@ -226,6 +227,10 @@ def format_generate_report(result: dict[str, Any]) -> str:
         lines.append(f"  {label:<40} {s['p50'] * 1e3:>10.1f} {s['min'] * 1e3:>10.1f} {s['p50'] / total:>6.1%}{count}")
     lines.append(f"  {'end to end':<40} {total * 1e3:>10.1f} {e2e['min'] * 1e3:>10.1f}")
     lines.append(f"  graph calls per generate: {result['graph_calls_per_generate']}")
+    if result.get("peak_rss_bytes"):
+        export_peak = result.get("export_peak_rss_bytes")
+        lines.append(f"  peak RSS: this process {result['peak_rss_bytes'] / 2**30:.2f} GiB"
+                     + (f"; the export's own {export_peak / 2**30:.2f} GiB (manifest)" if export_peak else ""))
     if "device" in result:
         lines.append("\n  per graph on the device, H2D / compute / D2H timed apart (as trtexec):")
         lines += ["  " + line for line in format_breakdown(result["device"])]

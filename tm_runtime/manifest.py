@@ -162,16 +162,22 @@ class Manifest:
     def graph_path(self, name: str) -> Path:
         return self.directory / self.graph(name).file
 
-    def verify(self, names: list[str] | None = None) -> None:
-        """Check every file (graphs, external data, other files such as the coords tokenizer)
-        against the sha256 the manifest records; ``names`` limits the check to those graphs."""
+    def verify(self, names: list[str] | None = None, files: list[str] | None = None) -> None:
+        """Check files against the sha256 the manifest records: the graphs ``names`` (with their
+        external data) and the other files ``files`` (keys of the manifest's ``files``, e.g.
+        ``coords_tokenizer``); with neither given, every file of the export."""
+        if names is None and files is None:
+            names, files = list(self.graphs), list(self.data.get("files", {}))
         checks = []
-        for name in names if names is not None else list(self.graphs):
+        for name in names or []:
             entry = self.graph(name)
             checks += [(f"graph {name!r}", entry.file, entry.sha256)]
             checks += [(f"graph {name!r}", e["file"], e["sha256"]) for e in entry.external_data]
-        if names is None:
-            checks += [(f"file {key!r}", f["file"], f["sha256"]) for key, f in self.data.get("files", {}).items()]
+        for key in files or []:
+            f = self.data.get("files", {}).get(key)
+            if f is None:
+                raise ManifestError(f"file {key!r} is not in this export's manifest")
+            checks.append((f"file {key!r}", f["file"], f["sha256"]))
         for what, rel, expected in checks:
             path = self.directory / rel
             if not path.is_file():
@@ -182,6 +188,9 @@ class Manifest:
                     f"{what}: {rel} has sha256 {actual[:16]}…, manifest expects {expected[:16]}… "
                     "(the file was modified or truncated; re-export)"
                 )
+
+    def verify_graph(self, name: str) -> None:
+        self.verify([name])
 
 
 def load_manifest(export_dir: str | Path) -> Manifest:

@@ -24,8 +24,15 @@ from .tim import TimConfig, TimOptions, generation_model, tim_parts
 Layers = int | Sequence[int] | str
 
 
-def make_backend(kind, paths, manifest, export_dir, providers, threads, profile_prefix, options: dict):
-    """The engine behind the runtime (see ``TerraMindRuntime``); GPU backends import lazily."""
+def make_backend(kind, paths, manifest, export_dir, providers, threads, profile_prefix, options: dict,
+                 verify: bool = True):
+    """The engine behind the runtime (see ``TerraMindRuntime``); GPU backends import lazily.
+
+    ``verify``: the ONNX Runtime backends check a graph's sha256 when its session is created, so
+    graphs that are never run are never read; other backends get every file checked now."""
+    if kind not in ("ort", "ort-cuda") and verify:
+        manifest.verify()
+    check = manifest.verify_graph if verify else None
     if not isinstance(kind, str):
         if not callable(getattr(kind, "run", None)):
             raise TypeError(f"backend must be 'ort', 'ort-cuda', 'tensorrt' or an object with run(), got {kind!r}")
@@ -33,11 +40,12 @@ def make_backend(kind, paths, manifest, export_dir, providers, threads, profile_
     if kind != "ort" and providers:
         raise ValueError(f"providers= only applies to backend='ort', not {kind!r}")
     if kind == "ort":
-        return OrtBackend(paths, providers=providers, threads=threads, profile_prefix=profile_prefix)
+        return OrtBackend(paths, providers=providers, threads=threads, profile_prefix=profile_prefix,
+                          before_first_use=check)
     if kind == "ort-cuda":
         from .backends.ort_cuda import OrtCudaBackend
 
-        return OrtCudaBackend(paths, manifest, **options)
+        return OrtCudaBackend(paths, manifest, before_first_use=check, **options)
     if kind == "tensorrt":
         from .backends.tensorrt import TensorRTBackend
 
@@ -60,7 +68,9 @@ class TerraMindRuntime:
         export_dir: the directory holding ``manifest.json`` and the ONNX graphs.
         providers: ONNX Runtime execution providers (default: CPU).
         threads: intra-op threads per session (default: ONNX Runtime's choice).
-        verify: check every graph file against the manifest's sha256 before use.
+        verify: check every file against the manifest's sha256 before it is first used (ONNX
+            Runtime backends: a graph when its session is created, so an embedding-only workload
+            never reads the decoder or tokenizer files; other backends: every file at load).
         backend: "ort" (ONNX Runtime with ``providers``), "ort-cuda" (IO binding on the GPU),
             "tensorrt" (engines built/cached by tm-build-engines), or any object with ``run``.
         backend_options: keyword arguments for the "ort-cuda" / "tensorrt" backends.
@@ -77,11 +87,10 @@ class TerraMindRuntime:
         backend_options: dict | None = None,
     ) -> None:
         self.manifest: Manifest = load_manifest(export_dir)
-        if verify:
-            self.manifest.verify()
+        self._verify = verify
         paths = {name: self.manifest.graph_path(name) for name in self.manifest.graphs}
         self.backend = make_backend(backend, paths, self.manifest, export_dir, providers, threads, profile_prefix,
-                                    backend_options or {})
+                                    backend_options or {}, verify)
         self._encoder = self.manifest.data["encoder"]
         self._decoder = DecoderGraphs(self.manifest)
         self._coords_tokenizer: CoordsTokenizer | None = None
@@ -108,6 +117,8 @@ class TerraMindRuntime:
         if self.manifest.coords is None:
             raise ValueError("this export has no coords; re-export with coords in --modalities or --output-modalities")
         if self._coords_tokenizer is None:
+            if self._verify:
+                self.manifest.verify(files=["coords_tokenizer"])
             self._coords_tokenizer = CoordsTokenizer(self.manifest.directory / self.manifest.coords.tokenizer_file)
         return self._coords_tokenizer
 
@@ -121,7 +132,7 @@ class TerraMindRuntime:
         if len(keys) > 1:
             raise ValueError(f"coords given twice (as {', '.join(map(repr, keys))})")
         if not (self.manifest.coords and self.manifest.coords.input):
-            raise ValueError(f"unknown modality {keys[0]!r} for this export: coords was not exported as an input "
+            raise ValueError(f"modality {keys[0]!r}: coords was not exported as an input "
                              f"(exported modalities: {', '.join(self.modalities)}); re-export with coords in --modalities")
         return {k: v for k, v in inputs.items() if k != keys[0]}, self.coords_tokenizer.encode(inputs[keys[0]])
 
@@ -246,7 +257,7 @@ class TerraMindRuntime:
                       check_finite: bool = True) -> np.ndarray:
         """Causal decoder logits (B, L, V) of the coords sequence ``ids`` (B, L) ([S_1] first):
         position i scores the token after ids[:, i], seeing ids[:, :i + 1] only."""
-        coords = self._coords_output()
+        output = self._coords_output()
         ids = np.asarray(ids)
         if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or not 1 <= ids.shape[1] <= COORDS.max_length - 1:
             raise ValueError(f"coords: ids must be an integer array (batch, L) with 1 <= L <= {COORDS.max_length - 1}, "
@@ -257,7 +268,7 @@ class TerraMindRuntime:
         encoded, emb = self.encode_context(arrays, coords)
         if ids.shape[0] != encoded.shape[0]:
             raise ValueError(f"coords: ids have batch {ids.shape[0]}, the inputs {encoded.shape[0]}")
-        return self._decoder.coords_logits(self.backend, coords, encoded, emb, ids)
+        return self._decoder.coords_logits(self.backend, output, encoded, emb, ids)
 
     def _coords_output(self):
         """The coords entry of an export with coords as an output, or an error saying how to export it."""
