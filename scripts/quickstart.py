@@ -57,11 +57,11 @@ def make_inputs(runtime, batch: int, tiles_dir: Path) -> tuple[dict[str, np.ndar
 
 def print_validation(manifest: dict) -> None:
     print("\nvalidation (ONNX Runtime CPU vs PyTorch reference, batches 1 and 3):")
-    print(f"  {'graph':<16} {'max abs':>10} {'max rel':>10} {'tolerance':>10}  result")
+    print(f"  {'graph':<22} {'max abs':>10} {'max rel':>10} {'tolerance':>10}  result")
     for name, g in manifest["graphs"].items():
         v = g.get("validation")
         if v:
-            print(f"  {name:<16} {v['max_abs']:>10.2e} {v['max_rel']:>10.2e} {g['max_rel_error']:>10.0e}  "
+            print(f"  {name:<22} {v['max_abs']:>10.2e} {v['max_rel']:>10.2e} {g['max_rel_error']:>10.0e}  "
                   f"{'OK' if v['passed'] else 'FAILED'}")
 
 
