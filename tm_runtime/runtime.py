@@ -12,7 +12,7 @@ from .coords import COORDS_TOKENIZER_FILE, CoordsTokenizer, autoregressive_decod
 from .decoder import DecoderGraphs
 from .inputs import check_image, check_same_batch, class_map_to_one_hot, resolve_names
 from .inputs import standardize as standardize_image
-from .manifest import Manifest, load_manifest
+from .manifest import CoordsEntry, Manifest, load_manifest
 from .generation import (as_output_list, check_noise, check_timesteps, check_tokens, codes_for, destandardize,
                          diffusion_decode, diffusion_decode_device)
 from .iterative import check_decoding, iterative_decode
@@ -270,7 +270,7 @@ class TerraMindRuntime:
             raise ValueError(f"coords: ids have batch {ids.shape[0]}, the inputs {encoded.shape[0]}")
         return self._decoder.coords_logits(self.backend, output, encoded, emb, ids)
 
-    def _coords_output(self):
+    def _coords_output(self) -> CoordsEntry:
         """The coords entry of an export with coords as an output, or an error saying how to export it."""
         coords = self.manifest.coords
         if coords is None or not coords.output:
