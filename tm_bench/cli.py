@@ -6,6 +6,7 @@
     tm-bench generate DIR --outputs S1GRD LULC [--timesteps 10] [--compare-torch]
                        [--backend ort-cpu|ort-cuda|tensorrt|openvino] [--precision fp32|bf16|fp16]
     tm-bench accuracy DIR [--backend openvino --precision bf16] [--reference FP32_DIR] [--data TILES_DIR]
+    tm-bench memory DIR [--outputs S1GRD LULC] [--workloads load embed generate] [--json FILE]
 """
 from __future__ import annotations
 
@@ -80,6 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--threads", type=_positive, default=None)
     a.add_argument("--seed", type=int, default=0, help="seed of the diffusion noise")
     a.add_argument("--json", type=Path, default=None, help="write the report here")
+    m = sub.add_parser("memory", help="RSS of a loaded export: load / embed / generate, each in a fresh process")
+    m.add_argument("export_dir", type=Path, help="directory written by tm-export")
+    m.add_argument("--outputs", nargs="+", default=None, help="generate these (default: every exported output)")
+    m.add_argument("--timesteps", type=_positive, default=2, help="diffusion steps of the generate run (default 2)")
+    m.add_argument("--batch", type=_positive, default=1, help="batch size (default 1)")
+    m.add_argument("--threads", type=_positive, default=None, help="ORT intra-op threads")
+    m.add_argument("--workloads", nargs="+", choices=["load", "embed", "generate"], default=None,
+                   help="default: all three (generate only with outputs)")
+    m.add_argument("--json", type=Path, default=None, help="write every number here")
     for sp in (e, g, a):
         sp.add_argument("--backend", choices=["ort-cpu", "ort-cuda", "tensorrt", "openvino"], default="ort-cpu",
                         help="ort-cpu (default); ort-cuda (onnxruntime-gpu, IO binding) or tensorrt (engines "
@@ -119,11 +129,23 @@ def _generate(args) -> int:
     return 0
 
 
+def _memory(args) -> int:
+    from .memory import WORKLOADS, MemoryBenchConfig, format_memory_report, run_memory_benchmark
+
+    config = MemoryBenchConfig(args.export_dir, args.outputs, timesteps=args.timesteps, batch=args.batch,
+                               threads=args.threads, workloads=tuple(args.workloads or WORKLOADS))
+    result = run_memory_benchmark(config, log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(format_memory_report(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "accuracy":
+    if args.command in ("accuracy", "memory"):
         try:
-            return _accuracy(args)
+            return _accuracy(args) if args.command == "accuracy" else _memory(args)
         except (ManifestError, ValueError, RuntimeError, ImportError, FileNotFoundError) as exc:
             print(f"tm-bench: error: {exc}", file=sys.stderr)
             return 2

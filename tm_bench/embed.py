@@ -203,7 +203,8 @@ def run_embed_benchmark(config: EmbedBenchConfig, log: Log = print) -> dict[str,
             rt.backend = backend
         result["device"] = device_breakdown(backend, recorder.feeds, warmup=config.warmup, iters=config.iters)
     result["memory"] = {"rss_before_sessions_bytes": rss_start, "peak_rss_ort_bytes": machine.peak_rss_bytes(),
-                        "peak_is_per_phase": peak_reset}
+                        "peak_is_per_phase": peak_reset,
+                        "export_peak_rss_bytes": rt.manifest.data.get("exporter", {}).get("peak_rss_bytes")}
 
     compare: dict[int, dict[str, Any]] = {}
     counted_flops: dict[int, dict[str, Any]] = {}

@@ -45,24 +45,39 @@ class GenerateBenchConfig:
 
 
 class TimingBackend:
-    """Forwards ``run`` to the real backend and adds up the wall time per graph."""
+    """Forwards ``run`` to the real backend and adds up the wall time per graph, and per stage.
 
-    def __init__(self, inner: Any) -> None:
+    The decoder graph is shared by every output: its time joins the stage of the output whose
+    head graph runs next ("decoder S1GRD" = its queries + the shared decoder + its head)."""
+
+    def __init__(self, inner: Any, decoder_graph: str | None = None) -> None:
         self.inner = inner
+        self.decoder_graph = decoder_graph
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
+        self.stage_seconds: dict[str, float] = defaultdict(float)
+        self._pending = 0.0  # decoder time not yet attributed to an output
 
     def run(self, name: str, feeds: dict, outputs: list[str] | None = None) -> list[np.ndarray]:
         start = time.perf_counter()
         try:
             return self.inner.run(name, feeds, outputs)
         finally:
-            self.seconds[name] += time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            self.seconds[name] += elapsed
             self.calls[name] += 1
+            if name == self.decoder_graph:
+                self._pending += elapsed
+            else:
+                if name.startswith("decoder_head_"):
+                    elapsed, self._pending = elapsed + self._pending, 0.0
+                self.stage_seconds[_stage_label(name)] += elapsed
 
     def reset(self) -> None:
         self.seconds.clear()
         self.calls.clear()
+        self.stage_seconds.clear()
+        self._pending = 0.0
 
     def __getattr__(self, attr: str) -> Any:
         # GPU backends' run_device, stream, ...: the runtime keeps its device-resident loop (those
@@ -113,12 +128,12 @@ def _inputs(rt: TerraMindRuntime, batch: int, seed: int) -> dict[str, np.ndarray
 def _stage_label(graph: str) -> str:
     if graph.startswith("unet_"):
         return f"UNet step ({graph[5:]}), per call"
-    if graph.startswith("decoder_"):
-        return f"decoder {graph[8:]}"
+    if graph in ("decoder_head_coords", "decoder_query_coords"):
+        return "decoder coords (causal, token by token)"
+    if graph.startswith(("decoder_head_", "decoder_query_")):
+        return f"decoder {graph.split('_', 2)[2]}"
     if graph.startswith("detokenize_"):
         return f"{graph[11:]} ViT decoder"
-    if graph == "decoder_coords":
-        return "decoder coords (causal), per token"
     if graph == "embed_coords":
         return "coords embedding"
     if graph.startswith("embed_tok_"):
@@ -132,7 +147,7 @@ def run_generate_benchmark(config: GenerateBenchConfig, log: Log = print) -> dic
     threads = config.threads
     rt = TerraMindRuntime(config.export_dir, threads=threads, backend=runtime_backend(config.backend),
                           backend_options=runtime_options(config.backend, config.precision, threads))
-    timing = TimingBackend(rt.backend)
+    timing = TimingBackend(rt.backend, rt.manifest.decoder_graph)
     rt.backend = timing
     inputs = _inputs(rt, config.batch, config.seed)
     outputs = list(config.outputs)
@@ -154,9 +169,10 @@ def run_generate_benchmark(config: GenerateBenchConfig, log: Log = print) -> dic
             start = time.perf_counter()
             ort_generate()
             end_to_end.append(time.perf_counter() - start)
-            for graph, seconds in timing.seconds.items():
-                per_call = graph.startswith("unet_")
-                stage_samples[_stage_label(graph)].append(seconds / timing.calls[graph] if per_call else seconds)
+            for graph in [g for g in timing.seconds if g.startswith("unet_")]:
+                timing.stage_seconds[_stage_label(graph)] = timing.seconds[graph] / timing.calls[graph]
+            for label, seconds in timing.stage_seconds.items():
+                stage_samples[label].append(seconds)
             for label, seconds in host.items():
                 stage_samples[label].append(seconds)
     calls = dict(timing.calls)
@@ -169,6 +185,7 @@ def run_generate_benchmark(config: GenerateBenchConfig, log: Log = print) -> dic
         "ort": {"end_to_end": summarize(end_to_end),
                 "stages": {label: summarize(s) for label, s in stage_samples.items()}},
         "peak_rss_bytes": peak_rss_bytes(),
+        "export_peak_rss_bytes": rt.manifest.data.get("exporter", {}).get("peak_rss_bytes"),
     }
     if hasattr(timing.inner, "describe"):
         result["openvino"] = timing.inner.describe()
@@ -215,6 +232,10 @@ def format_generate_report(result: dict[str, Any]) -> str:
         lines.append(f"  {label:<40} {s['p50'] * 1e3:>10.1f} {s['min'] * 1e3:>10.1f} {s['p50'] / total:>6.1%}{count}")
     lines.append(f"  {'end to end':<40} {total * 1e3:>10.1f} {e2e['min'] * 1e3:>10.1f}")
     lines.append(f"  graph calls per generate: {result['graph_calls_per_generate']}")
+    if result.get("peak_rss_bytes"):
+        export_peak = result.get("export_peak_rss_bytes")
+        lines.append(f"  peak RSS: this process {result['peak_rss_bytes'] / 2**30:.2f} GiB"
+                     + (f"; the export's own {export_peak / 2**30:.2f} GiB (manifest)" if export_peak else ""))
     if "device" in result:
         lines.append("\n  per graph on the device, H2D / compute / D2H timed apart (as trtexec):")
         lines += ["  " + line for line in format_breakdown(result["device"])]

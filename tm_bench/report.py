@@ -67,7 +67,9 @@ def format_report(result: dict[str, Any]) -> str:
     mem = result["memory"]
     out.append(f"peak RSS: ORT phase {mem['peak_rss_ort_bytes'] / 2**20:.0f} MiB"
                + (f", torch phase {mem['peak_rss_with_torch_bytes'] / 2**20:.0f} MiB"
-                  if mem.get("peak_rss_with_torch_bytes") else ""))
+                  if mem.get("peak_rss_with_torch_bytes") else "")
+               + (f"; the export's own peak RSS {mem['export_peak_rss_bytes'] / 2**20:.0f} MiB (manifest)"
+                  if mem.get("export_peak_rss_bytes") else ""))
     for run in result["runs"]:
         flops = run["flops"]
         counted = (f", FlopCounterMode on {flops['flop_counter_model']}: {flops['flop_counter'] / 1e9:.2f}"

@@ -5,13 +5,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from tm_runtime.modalities import INPUT_MODALITIES
+from tm_runtime.modalities import INPUT_MODALITIES, TARGETS
 
-from .bands import parse_bands
-from .export import ExportConfig, ExportError, export
-from .reference.terramind import VARIANTS
-from .tim import TimSettings
-from .weights import WeightsError
+# What `pip install 'tm-deploy[export]'` adds to the runtime-only install (see pyproject.toml).
+EXPORT_MODULES = ("torch", "onnx", "onnxslim", "huggingface_hub", "safetensors", "tokenizers")
+MODEL_SIZES = ("tiny", "small", "base", "large")  # tm_export.reference.terramind.VARIANTS
 
 
 def parse_paths(items: list[str]) -> dict[str, Path]:
@@ -30,12 +28,13 @@ def parse_paths(items: list[str]) -> dict[str, Path]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tm-export", description=__doc__)
-    p.add_argument("--model", required=True, choices=list(VARIANTS), help="TerraMind v1 size")
+    p.add_argument("--model", required=True, choices=list(MODEL_SIZES), help="TerraMind v1 size")
     p.add_argument("--modalities", required=True, nargs="+", metavar="MOD",
                    help=f"input modalities to export ({', '.join(INPUT_MODALITIES)}, coords; LULC and NDVI go "
                         "through their tokenizer, coords through the coords tokenizer file)")
     p.add_argument("--output-modalities", nargs="+", default=[], metavar="MOD",
-                   help="generation targets: decoder graphs for S2L2A S1GRD S1RTC DEM NDVI LULC coords")
+                   help=f"generation targets ({' '.join(TARGETS)} coords): each adds its decoder query and head "
+                        "graphs and its tokenizer graphs; the decoder itself is stored once")
     p.add_argument("--tim-modalities", nargs="+", default=[], metavar="MOD",
                    help="a Thinking-in-Modalities backbone (terramind_v1_<size>_tim): embed first generates these "
                         "modalities' tokens (e.g. LULC) and encodes them with the inputs; exports their decoders, "
@@ -84,6 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        from .bands import parse_bands
+        from .export import ExportConfig, ExportError, export
+        from .tim import TimSettings
+        from .weights import WeightsError
+    except ModuleNotFoundError as exc:  # a runtime-only install: no torch, onnx, ...
+        if (exc.name or "").split(".")[0] not in EXPORT_MODULES:
+            raise
+        print(f"tm-export: error: the exporter needs the export extras (no module named {exc.name!r}): "
+              "pip install 'tm-deploy[export]'", file=sys.stderr)
+        return 1
     try:
         config = ExportConfig(
             size=args.model, modalities=args.modalities, out=args.out, output_modalities=args.output_modalities,

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -17,14 +18,14 @@ from pathlib import Path
 import onnx
 import torch
 
-from tm_runtime.coords import COORDS_TOKENIZER_FILE, CoordsTokenizer
+from tm_runtime.coords import COORDS_TOKENIZER_FILE, MASKED_BIAS, CoordsTokenizer
 from tm_runtime.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, sha256_file
 from tm_runtime.modalities import COORDS, get_modality, get_target, is_coords
 
 from . import tim
 from . import weights as W
 from .bands import select_bands
-from .graphs import GraphSpec, all_specs
+from .graphs import DECODER_GRAPH, GraphSpec, all_specs, head_graph_name, query_graph_name
 from .precision import FP16_MAX_REL_ERROR, check_precision, to_fp16
 from .reference.terramind import TerraMindModel, get_variant
 from .reference.tokenizers import Tokenizer, build_tokenizer, load_tokenizer, tokenizer_config
@@ -343,8 +344,26 @@ def export_graph(spec: GraphSpec, workdir: Path, config: ExportConfig, log: Call
     return entry
 
 
+def _resources(started: float | None) -> dict:
+    """What the export cost so far: wall time and the exporting process's peak RSS (``tm-bench``
+    reports them with the runtime's; the peak is the process's, so it includes whatever ran
+    before ``export`` in the same process)."""
+    out = {}
+    if started is not None:
+        out["seconds"] = round(time.perf_counter() - started, 1)
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out["peak_rss_bytes"] = int(peak if sys.platform == "darwin" else peak * 1024)  # macOS: bytes, Linux: KiB
+    except (ImportError, OSError):  # not on Windows
+        pass
+    return out
+
+
 def _manifest(config: ExportConfig, model: TerraMindModel, weights: dict, graphs: dict,
-              tokenizers: dict[str, Tokenizer] | None = None, files: dict | None = None) -> dict:
+              tokenizers: dict[str, Tokenizer] | None = None, files: dict | None = None,
+              started: float | None = None) -> dict:
     variant = model.variant
     modalities = {}
     for name in (get_modality(m).name for m in config.modalities if not is_coords(m)):
@@ -360,7 +379,8 @@ def _manifest(config: ExportConfig, model: TerraMindModel, weights: dict, graphs
     for name in model.targets:
         t = get_target(name)
         tok_cfg = tokenizers[name].config if tokenizers and name in tokenizers else None
-        targets[name] = {"key": t.key, "graph": f"decoder_{name}", "vocab_size": t.vocab_size,
+        targets[name] = {"key": t.key, "query_graph": query_graph_name(name), "head_graph": head_graph_name(name),
+                         "vocab_size": t.vocab_size,
                          "fsq_levels": list(t.fsq_levels), "tokenizer_decoder": t.decoder,
                          "channels": t.num_channels, "mean": list(t.mean), "std": list(t.std),
                          "tokenize_graph": f"tokenize_{name}",
@@ -373,7 +393,9 @@ def _manifest(config: ExportConfig, model: TerraMindModel, weights: dict, graphs
     if model.coords_input or model.coords_target:
         coords = {"key": COORDS.key, "input": model.coords_input, "output": model.coords_target,
                   "embed_graph": "embed_coords" if model.coords_conditioning else None,
-                  "decoder_graph": "decoder_coords" if model.coords_target else None,
+                  "query_graph": query_graph_name(COORDS.name) if model.coords_target else None,
+                  "head_graph": head_graph_name(COORDS.name) if model.coords_target else None,
+                  "masked_bias": MASKED_BIAS,
                   "tokenizer_file": COORDS_TOKENIZER_FILE, "vocab_size": COORDS.vocab_size,
                   "max_length": COORDS.max_length, "eos_id": COORDS.eos_id, "start_id": COORDS.start_id,
                   "end_id": COORDS.end_id, "grid_degrees": COORDS.grid_degrees,
@@ -398,10 +420,13 @@ def _manifest(config: ExportConfig, model: TerraMindModel, weights: dict, graphs
                       "clip_sample_range": 1.0, "eta": 0.0, "set_alpha_to_one": True},
         "encoder": {"graph": "encoder", "outputs": [o["name"] for o in graphs["encoder"]["outputs"]],
                     "last_output_normed": True},
+        # One decoder transformer for every output: target -> its query graph -> decoder -> its head graph.
+        "decoder": {"graph": DECODER_GRAPH} if DECODER_GRAPH in graphs else None,
         "graphs": graphs,
         "validation": ({"run": True, "provider": "CPUExecutionProvider", "batches": [1, 3],
                         "passed": all(v["passed"] for v in validated)} if config.validate else {"run": False}),
-        "exporter": {**_versions(), "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+        "exporter": {**_versions(), "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                     **_resources(started)},
     }
 
 
@@ -452,7 +477,7 @@ def export(config: ExportConfig, log: Callable[[str], None] = print) -> dict:
             shutil.copyfile(coords_file, workdir / COORDS_TOKENIZER_FILE)
             files["coords_tokenizer"] = {"file": COORDS_TOKENIZER_FILE,
                                          "sha256": sha256_file(workdir / COORDS_TOKENIZER_FILE)}
-        manifest = _manifest(config, model, weights, graphs, tokenizers, files)
+        manifest = _manifest(config, model, weights, graphs, tokenizers, files, started=start)
         if config.tim:
             manifest["tim"] = tim.tim_manifest(config.tim, tim_renames, generation is not None)
             tim.mark_tim_only_targets(manifest["targets"], config.tim, outputs, graphs)

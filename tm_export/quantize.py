@@ -51,7 +51,8 @@ INT8_OPS = ("MatMul", "Gemm", "Conv")
 INT8_METHODS = ("dynamic", "static")
 INT8_FAMILIES = ("encoder", "decoders", "unet")
 # Graphs that stay fp32 in an int8 export, by manifest role (besides the patch-embedding graphs).
-KEEP_FP32_ROLES = ("tokenizer_encoder", "token_embedding", "sequence_embedding", "tokenizer_decoder")
+KEEP_FP32_ROLES = ("tokenizer_encoder", "token_embedding", "sequence_embedding", "tokenizer_decoder",
+                   "decoder_queries", "decoder_head")
 REFERENCE_DIR = ".fp32-reference"
 
 
@@ -77,8 +78,8 @@ def check_int8_config(config: Any) -> None:
 
 def graph_family(name: str, manifest: dict[str, Any]) -> str | None:
     """'encoder', 'unet' (diffusion steps), 'decoders' (every other graph with weights worth
-    quantising: the per-target and coords decoders, whatever their names) or None (stays fp32:
-    embeddings, tokenizer encoders, the LULC ViT decoder)."""
+    quantising: the shared decoder transformer, whatever its name) or None (stays fp32: embeddings,
+    decoder queries and heads, tokenizer encoders, the LULC ViT decoder)."""
     entry = manifest["graphs"][name]
     if name in {m["graph"] for m in manifest["modalities"].values()}:
         return None
@@ -185,6 +186,8 @@ def quantize_graph(src: Path, dst: Path, method: str, feeds: list[dict[str, np.n
     kept = output_projections(model)
     nodes = [n for n in weight_nodes(model) if n not in kept]
     facts = {"ops": list(INT8_OPS), "quantised_nodes": len(nodes), "fp32_output_projections": kept}
+    if not nodes:  # onnxruntime reads an empty nodes_to_quantize as "every node"
+        raise QuantizationError(f"{src.name}: no MatMul/Gemm/Conv with a constant weight to quantise")
     if method == "dynamic":
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=list(INT8_OPS),
                          nodes_to_quantize=nodes)
@@ -307,4 +310,8 @@ def _why_fp32(name: str, entry: dict[str, Any], manifest: dict[str, Any]) -> str
         return "FSQ tokenizer encoder: its ids must match fp32 exactly"
     if role == "tokenizer_decoder":
         return "LULC ViT decoder: kept fp32 (small share of generate time)"
+    if role == "decoder_queries":
+        return "decoder queries: a table lookup, nothing to quantise"
+    if role == "decoder_head":
+        return "decoder head: the vocabulary projection, whose error lands on the logits unmixed"
     return "embedding graph: gathers and a small patch projection, nothing to gain"

@@ -9,9 +9,10 @@ import numpy as np
 from .backends import OrtBackend
 from .context import EncoderContext, per_group
 from .coords import COORDS_TOKENIZER_FILE, CoordsTokenizer, autoregressive_decode
+from .decoder import DecoderGraphs
 from .inputs import check_image, check_same_batch, class_map_to_one_hot, resolve_names
 from .inputs import standardize as standardize_image
-from .manifest import Manifest, load_manifest
+from .manifest import CoordsEntry, Manifest, load_manifest
 from .generation import (as_output_list, check_noise, check_timesteps, check_tokens, codes_for, destandardize,
                          diffusion_decode, diffusion_decode_device)
 from .iterative import check_decoding, iterative_decode
@@ -24,8 +25,15 @@ Layers = int | Sequence[int] | str
 BACKENDS = ("ort", "ort-cuda", "tensorrt", "openvino")
 
 
-def make_backend(kind, paths, manifest, export_dir, providers, threads, profile_prefix, options: dict):
-    """The engine behind the runtime (see ``TerraMindRuntime``); GPU backends import lazily."""
+def make_backend(kind, paths, manifest, export_dir, providers, threads, profile_prefix, options: dict,
+                 verify: bool = True):
+    """The engine behind the runtime (see ``TerraMindRuntime``); GPU backends import lazily.
+
+    ``verify``: the ONNX Runtime backends check a graph's sha256 when its session is created, so
+    graphs that are never run are never read; other backends get every file checked now."""
+    if kind not in ("ort", "ort-cuda") and verify:
+        manifest.verify()
+    check = manifest.verify_graph if verify else None
     if not isinstance(kind, str):
         if not callable(getattr(kind, "run", None)):
             raise TypeError(f"backend must be one of {', '.join(BACKENDS)} or an object with run(), got {kind!r}")
@@ -33,11 +41,12 @@ def make_backend(kind, paths, manifest, export_dir, providers, threads, profile_
     if kind != "ort" and providers:
         raise ValueError(f"providers= only applies to backend='ort', not {kind!r}")
     if kind == "ort":
-        return OrtBackend(paths, providers=providers, threads=threads, profile_prefix=profile_prefix)
+        return OrtBackend(paths, providers=providers, threads=threads, profile_prefix=profile_prefix,
+                          before_first_use=check)
     if kind == "ort-cuda":
         from .backends.ort_cuda import OrtCudaBackend
 
-        return OrtCudaBackend(paths, manifest, **options)
+        return OrtCudaBackend(paths, manifest, before_first_use=check, **options)
     if kind == "tensorrt":
         from .backends.tensorrt import TensorRTBackend
 
@@ -64,7 +73,9 @@ class TerraMindRuntime:
         export_dir: the directory holding ``manifest.json`` and the ONNX graphs.
         providers: ONNX Runtime execution providers (default: CPU).
         threads: intra-op threads per session (default: ONNX Runtime's choice).
-        verify: check every graph file against the manifest's sha256 before use.
+        verify: check every file against the manifest's sha256 before it is first used (ONNX
+            Runtime backends: a graph when its session is created, so an embedding-only workload
+            never reads the decoder or tokenizer files; other backends: every file at load).
         backend: "ort" (ONNX Runtime with ``providers``), "ort-cuda" (IO binding on the GPU),
             "tensorrt" (engines built/cached by tm-build-engines), "openvino" (OpenVINO, see
             ``backends.openvino.OpenVinoOptions``), or any object with ``run``.
@@ -83,12 +94,12 @@ class TerraMindRuntime:
         backend_options: dict | None = None,
     ) -> None:
         self.manifest: Manifest = load_manifest(export_dir)
-        if verify:
-            self.manifest.verify()
+        self._verify = verify
         paths = {name: self.manifest.graph_path(name) for name in self.manifest.graphs}
         self.backend = make_backend(backend, paths, self.manifest, export_dir, providers, threads, profile_prefix,
-                                    backend_options or {})
+                                    backend_options or {}, verify)
         self._encoder = self.manifest.data["encoder"]
+        self._decoder = DecoderGraphs(self.manifest)
         self._coords_tokenizer: CoordsTokenizer | None = None
         self.tim: TimConfig | None = TimConfig.from_manifest(self.manifest.data)  # a TiM backbone's step
 
@@ -113,6 +124,8 @@ class TerraMindRuntime:
         if self.manifest.coords is None:
             raise ValueError("this export has no coords; re-export with coords in --modalities or --output-modalities")
         if self._coords_tokenizer is None:
+            if self._verify:
+                self.manifest.verify(files=["coords_tokenizer"])
             self._coords_tokenizer = CoordsTokenizer(self.manifest.directory / self.manifest.coords.tokenizer_file)
         return self._coords_tokenizer
 
@@ -126,7 +139,7 @@ class TerraMindRuntime:
         if len(keys) > 1:
             raise ValueError(f"coords given twice (as {', '.join(map(repr, keys))})")
         if not (self.manifest.coords and self.manifest.coords.input):
-            raise ValueError(f"unknown modality {keys[0]!r} for this export: coords was not exported as an input "
+            raise ValueError(f"modality {keys[0]!r}: coords was not exported as an input "
                              f"(exported modalities: {', '.join(self.modalities)}); re-export with coords in --modalities")
         return {k: v for k, v in inputs.items() if k != keys[0]}, self.coords_tokenizer.encode(inputs[keys[0]])
 
@@ -229,9 +242,9 @@ class TerraMindRuntime:
         return self.encode(tokens, [self.num_layers - 1])[0], emb
 
     def decoder_logits(self, modality: str, encoder_output: np.ndarray, context_emb: np.ndarray) -> np.ndarray:
-        target = self._target(modality)
-        feeds = {"encoder_output": encoder_output, "context_emb": context_emb}
-        return self.backend.run(target.graph, feeds, ["logits"])[0]
+        """One image output's logits (B, N, V) from ``encode_context``'s (encoder output, context
+        embeddings): its queries through the shared decoder graph, then its head graph."""
+        return self._decoder.target_logits(self.backend, self._target(modality), encoder_output, context_emb)
 
     def logits(self, inputs: Mapping[str, np.ndarray], modality: str, standardize: bool = False,
                check_finite: bool = True) -> np.ndarray:
@@ -251,7 +264,7 @@ class TerraMindRuntime:
                       check_finite: bool = True) -> np.ndarray:
         """Causal decoder logits (B, L, V) of the coords sequence ``ids`` (B, L) ([S_1] first):
         position i scores the token after ids[:, i], seeing ids[:, :i + 1] only."""
-        graph = self._coords_output()
+        output = self._coords_output()
         ids = np.asarray(ids)
         if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or not 1 <= ids.shape[1] <= COORDS.max_length - 1:
             raise ValueError(f"coords: ids must be an integer array (batch, L) with 1 <= L <= {COORDS.max_length - 1}, "
@@ -262,17 +275,16 @@ class TerraMindRuntime:
         encoded, emb = self.encode_context(arrays, coords)
         if ids.shape[0] != encoded.shape[0]:
             raise ValueError(f"coords: ids have batch {ids.shape[0]}, the inputs {encoded.shape[0]}")
-        return self.backend.run(graph, {"encoder_output": encoded, "context_emb": emb,
-                                        "ids": ids.astype(np.int64)}, ["logits"])[0]
+        return self._decoder.coords_logits(self.backend, output, encoded, emb, ids)
 
-    def _coords_output(self) -> str:
-        """The coords decoder graph, or an error saying how to export it."""
+    def _coords_output(self) -> CoordsEntry:
+        """The coords entry of an export with coords as an output, or an error saying how to export it."""
         coords = self.manifest.coords
         if coords is None or not coords.output:
             exported = ", ".join(self.output_modalities) or "none"
             raise ValueError(f"output modality coords was not exported (exported targets: {exported}); "
                              "re-export with --output-modalities coords")
-        return coords.decoder_graph
+        return coords
 
     def _output_name(self, modality: str) -> str:
         if is_coords(modality):
@@ -469,11 +481,11 @@ class TerraMindRuntime:
                          top_p: float, progress) -> tuple[np.ndarray, list[int]]:
         """The autoregressive coords loop over the causal decoder graph; returns the merged ids
         (B, L) padded with [PAD] and each row's length."""
-        graph = self._coords_output()
+        coords = self._coords_output()
 
         def logits_fn(ids: np.ndarray) -> np.ndarray:
-            return per_group(groups, batch, lambda rows, enc, emb: self.backend.run(
-                graph, {"encoder_output": enc, "context_emb": emb, "ids": ids[rows]}, ["logits"])[0])
+            return per_group(groups, batch, lambda rows, enc, emb: self._decoder.coords_logits(
+                self.backend, coords, enc, emb, ids[rows]))
 
         generated = autoregressive_decode(logits_fn, batch, rng, temperature, top_k, top_p, progress=progress)
         return self.coords_tokenizer.merge(generated)

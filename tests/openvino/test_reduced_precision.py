@@ -163,9 +163,11 @@ def test_int8_export_passes_its_gates_and_records_them(int8_export, all_kinds_ex
     precisions = {n: g["precision"] for n, g in manifest["graphs"].items()}
     int8 = sorted(n for n, p in precisions.items() if p == "int8")
     assert int8 == ["encoder", "unet_DEM"]
-    assert {precisions[n] for n in ("tokenize_DEM", "tokenize_LULC", "embed_S2L2A", "detokenize_LULC", "decoder_DEM",
-                                    "decoder_coords")} == {"fp32"}
-    assert manifest["quantization"]["kept_fp32"]["decoder_DEM"] == "--int8-graphs left out decoders"
+    assert {precisions[n] for n in ("tokenize_DEM", "tokenize_LULC", "embed_S2L2A", "detokenize_LULC", "decoder",
+                                    "decoder_query_DEM", "decoder_head_DEM", "decoder_head_coords")} == {"fp32"}
+    kept = manifest["quantization"]["kept_fp32"]
+    assert kept["decoder"] == "--int8-graphs left out decoders"
+    assert kept["decoder_head_DEM"].startswith("decoder head") and kept["decoder_query_DEM"].startswith("decoder queries")
     assert manifest["quantization"]["kept_fp32"]["tokenize_DEM"].startswith("FSQ tokenizer encoder")
     assert manifest["graphs"]["unet_DEM"]["quantization"]["fp32_output_projections"]  # the last conv
     gates = manifest["accuracy"]["int8_vs_fp32"]
