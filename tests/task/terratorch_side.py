@@ -53,7 +53,7 @@ def randomize_all(module, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, tensor in module.state_dict().items():
-            if not tensor.is_floating_point():
+            if not tensor.is_floating_point() or tensor.numel() == 0:
                 continue
             noise = torch.randn(tensor.shape, generator=gen)
             if name.endswith("running_var"):

@@ -248,7 +248,7 @@ def _parse_model_args(args: dict, task_type: str, task_class: str) -> dict:
     tim_args = {k: backbone_args.pop(k) for k in list(backbone_args) if k in TIM_BACKBONE_ARGS}
     if tim_args and not tim:
         raise TaskConfigError(f"{where}.backbone_{next(iter(tim_args))}: only _tim backbones take TiM arguments")
-    tim_spec = {"modalities": ["LULC"], **tim_args} if tim else None
+    tim_spec = {"modalities": ["LULC"], **{k[len("tim_"):]: v for k, v in tim_args.items()}} if tim else None
     for key, value in list(backbone_args.items()):
         if key in IGNORED_BACKBONE_ARGS:
             backbone_args.pop(key)

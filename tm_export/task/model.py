@@ -42,8 +42,11 @@ class TaskHead(nn.Module):
             necks.append(neck)
         self.neck = nn.ModuleList(necks)
         self.first_neck = 1 if necks and isinstance(necks[0], SelectIndices) else 0
-        self.layers = necks[0].indices if self.first_neck else list(range(len(backbone_channels)))
-        self.input_channels = [backbone_channels[i] for i in self.layers]
+        selected = necks[0].indices if self.first_neck else list(range(len(backbone_channels)))
+        self.selected_channels = [backbone_channels[i] for i in selected]
+        # Which selected features the output depends on (FCN and Identity decoders read one):
+        # only those become graph inputs; the others are zero placeholders the exporter prunes.
+        self.used = list(range(len(selected)))
         self.decoder = build_decoder(spec.decoder, channels, dict(spec.decoder_args))
         if spec.task_type == "segmentation":
             self.head = SegmentationHead(self.decoder.out_channels, spec.num_classes, **spec.head_args)
@@ -52,21 +55,31 @@ class TaskHead(nn.Module):
         self.rescale = spec.rescale
         self.size_out = spec.image_size_out
         self.output_shape = self._probe()
+        self.layers = [selected[i] for i in self.used]
+        self.input_channels = [self.selected_channels[i] for i in self.used]
 
     def _probe(self) -> tuple[int, ...]:
-        """Run once on zeros: checks that the chain fits together and gives the output's shape."""
+        """Run once: checks that the chain fits together, finds the features the output depends
+        on, and gives the output's shape."""
         tokens = self.grid[0] * self.grid[1]
+        inputs = [torch.randn(1, tokens, c, requires_grad=True) for c in self.selected_channels]
         try:
-            with torch.no_grad():
-                out = self.eval()(*(torch.zeros(1, tokens, c) for c in self.input_channels))
+            out = self.eval()(*inputs)
         except (RuntimeError, IndexError, ValueError) as exc:
             raise TaskConfigError(
                 "model.init_args.model_args: the necks, decoder and head do not fit together on TerraMind's "
                 f"{self.grid[0]}x{self.grid[1]} tokens ({str(exc).splitlines()[0]}); a decoder needs image "
                 "features (ReshapeTokensToImage) in the number it expects") from exc
+        grads = torch.autograd.grad(out.sum(), inputs, allow_unused=True)
+        self.used = [i for i, g in enumerate(grads) if g is not None]
         return tuple(out.shape[1:])
 
     def forward(self, *features: torch.Tensor) -> torch.Tensor:
+        if len(features) == len(self.used) < len(self.selected_channels):
+            given = dict(zip(self.used, features))
+            batch, tokens = features[0].shape[0], features[0].shape[1]
+            features = tuple(given[i] if i in given else features[0].new_zeros(batch, tokens, c)
+                             for i, c in enumerate(self.selected_channels))
         x = list(features)
         for neck in list(self.neck)[self.first_neck:]:
             x = neck(x)
@@ -165,7 +178,7 @@ def randomize_task_model(model: TaskModel, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, tensor in model.head.state_dict().items():
-            if not tensor.is_floating_point():
+            if not tensor.is_floating_point() or tensor.numel() == 0:
                 continue
             noise = torch.randn(tensor.shape, generator=gen)
             if name.endswith("running_var"):
