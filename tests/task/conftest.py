@@ -93,3 +93,10 @@ def multi_case(tmp_path_factory) -> TaskCase:
     ckpt = save_like_fit(task, folder / "last.ckpt")
     assert main(argv + ["--ckpt", str(ckpt)]) == 0
     return TaskCase(MULTI_CONFIG, path, ckpt, folder / "export", task)
+
+
+@pytest.fixture(scope="session")
+def floods_base(tmp_path_factory) -> TaskCase:
+    """The official base sen1floods11 config as is (graph validation skipped: predict is compared
+    with terratorch end to end, and a base encoder's validation alone takes a minute)."""
+    return make_case(tmp_path_factory, "sen1floods11_base", None, seed=21, validate=False)

@@ -92,3 +92,14 @@ def test_temporal_concat_three_dates_matches_terratorch(crop_tiny):
     assert rel_error(logits, ref) <= MAX_REL
     with pytest.raises(ValueError, match="exactly 3"):
         rt.predict({"S2L2A": raw["S2L2A"][:, :, :2]})
+
+
+@pytest.mark.slow
+def test_sen1floods11_base_matches_terratorch(floods_base):
+    from tm_runtime import TerraMindRuntime
+
+    rng = np.random.default_rng(4)
+    raw = {"S2L1C": raw_s2(rng, 1, 13), "S1GRD": rng.normal(-15, 5, (1, 2, 224, 224)).astype(np.float32)}
+    rt = TerraMindRuntime(floods_base.export)
+    assert rt.manifest.model["size"] == "base" and rt.task.layers == (2, 5, 8, 11)
+    assert rel_error(rt.predict(raw), terratorch_output(floods_base, raw)) <= MAX_REL
