@@ -8,7 +8,7 @@ from .export import TaskExportConfig, export_task
 # Flags that describe a backbone export: with --task-config the config says all of it.
 BACKBONE_ONLY = {"model": "--model", "modalities": "--modalities", "output_modalities": "--output-modalities",
                  "tokenizer_ckpt": "--tokenizer-ckpt", "small_tokenizers": "--small-tokenizers",
-                 "bands": "--bands", "winograd": "--winograd"}
+                 "bands": "--bands", "winograd": "--winograd", "tim_modalities": "--tim-modalities"}
 
 
 def run_task_export(args: argparse.Namespace) -> dict:
