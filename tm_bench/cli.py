@@ -7,6 +7,7 @@
                        [--backend ort-cpu|ort-cuda|tensorrt|openvino] [--precision fp32|bf16|fp16]
     tm-bench accuracy DIR [--backend openvino --precision bf16] [--reference FP32_DIR] [--data TILES_DIR]
     tm-bench memory DIR [--outputs S1GRD LULC] [--workloads load embed generate] [--json FILE]
+    tm-bench predict DIR [--batch 1 8] [--compare-torch --ckpt CKPT] [--backend ...] [--precision ...]
 """
 from __future__ import annotations
 
@@ -90,7 +91,19 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--workloads", nargs="+", choices=["load", "embed", "generate"], default=None,
                    help="default: all three (generate only with outputs)")
     m.add_argument("--json", type=Path, default=None, help="write every number here")
-    for sp in (e, g, a):
+    t = sub.add_parser("predict", help="per-stage and end-to-end predict latency of a fine-tuned task export")
+    t.add_argument("export_dir", type=Path, help="directory written by tm-export --task-config")
+    t.add_argument("--batch", type=_positive, nargs="+", default=[1], help="batch sizes (default 1)")
+    t.add_argument("--warmup", type=_non_negative, default=2, help="untimed calls first (default 2)")
+    t.add_argument("--iters", type=_positive, default=10, help="timed calls (default 10)")
+    t.add_argument("--threads", type=_positive, default=None, help="threads for ORT and torch")
+    t.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    t.add_argument("--json", type=Path, default=None, help="write every number here")
+    t.add_argument("--compare-torch", action="store_true",
+                   help="also time terratorch's task model on the same checkpoint, interleaved (fp32 and as "
+                        "imported)")
+    t.add_argument("--ckpt", type=Path, default=None, help="the checkpoint the export was made from (--compare-torch)")
+    for sp in (e, g, a, t):
         sp.add_argument("--backend", choices=["ort-cpu", "ort-cuda", "tensorrt", "openvino"], default="ort-cpu",
                         help="ort-cpu (default); ort-cuda (onnxruntime-gpu, IO binding) or tensorrt (engines "
                              "from tm-build-engines' cache) add a per-graph H2D / compute / D2H breakdown; "
@@ -141,8 +154,27 @@ def _memory(args) -> int:
     return 0
 
 
+def _predict(args) -> int:
+    from .predict import PredictBenchConfig, format_predict_report, run_predict_benchmark
+
+    config = PredictBenchConfig(args.export_dir, batches=args.batch, warmup=args.warmup, iters=args.iters,
+                                threads=args.threads, compare_torch=args.compare_torch, ckpt=args.ckpt,
+                                seed=args.seed, backend=args.backend, precision=args.precision)
+    result = run_predict_benchmark(config, log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(format_predict_report(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "predict":
+        try:
+            return _predict(args)
+        except (ManifestError, ValueError, RuntimeError, ImportError) as exc:
+            print(f"tm-bench: error: {exc}", file=sys.stderr)
+            return 2
     if args.command in ("accuracy", "memory"):
         try:
             return _accuracy(args) if args.command == "accuracy" else _memory(args)

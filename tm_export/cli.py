@@ -8,7 +8,7 @@ from pathlib import Path
 from tm_runtime.modalities import INPUT_MODALITIES, TARGETS
 
 # What `pip install 'tm-deploy[export]'` adds to the runtime-only install (see pyproject.toml).
-EXPORT_MODULES = ("torch", "onnx", "onnxslim", "huggingface_hub", "safetensors", "tokenizers")
+EXPORT_MODULES = ("torch", "onnx", "onnxslim", "huggingface_hub", "safetensors", "tokenizers", "yaml")
 MODEL_SIZES = ("tiny", "small", "base", "large")  # tm_export.reference.terramind.VARIANTS
 
 
@@ -28,8 +28,11 @@ def parse_paths(items: list[str]) -> dict[str, Path]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tm-export", description=__doc__)
-    p.add_argument("--model", required=True, choices=list(MODEL_SIZES), help="TerraMind v1 size")
-    p.add_argument("--modalities", required=True, nargs="+", metavar="MOD",
+    p.add_argument("--task-config", type=Path, metavar="CONFIG.yaml",
+                   help="a fine-tuned model: the terratorch config it was trained with (terratorch fit -c CONFIG); "
+                        "--ckpt is then the checkpoint terratorch fit wrote. Replaces --model/--modalities/--bands")
+    p.add_argument("--model", choices=list(MODEL_SIZES), help="TerraMind v1 size")
+    p.add_argument("--modalities", nargs="+", metavar="MOD",
                    help=f"input modalities to export ({', '.join(INPUT_MODALITIES)}, coords; LULC and NDVI go "
                         "through their tokenizer, coords through the coords tokenizer file)")
     p.add_argument("--output-modalities", nargs="+", default=[], metavar="MOD",
@@ -47,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="export directory (written atomically)")
     w = p.add_mutually_exclusive_group()
     w.add_argument("--ckpt", type=Path, help="TerraMind_v1_<size>.pt (or .safetensors); default: the HF hub. "
-                   "With --tim-modalities also a TiM backbone's state_dict (its own sampler.model.* weights)")
+                   "With --tim-modalities also a TiM backbone's state_dict (its own sampler.model.* weights); with "
+                   "--task-config the fine-tuned checkpoint (.ckpt or a state_dict)")
     w.add_argument("--random-init", action="store_true", help="random weights, for tests and benchmarks")
     p.add_argument("--seed", type=int, default=0, help="seed for --random-init")
     p.add_argument("--bands", nargs="+", default=[], metavar="MOD=B1,B2",
@@ -82,11 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.task_config is None and (args.model is None or not args.modalities):
+        parser.error("--model and --modalities are required (or --task-config for a fine-tuned model)")
     try:
         from .bands import parse_bands
         from .export import ExportConfig, ExportError, export
         from .tim import TimSettings
+        from .task.checkpoint import CheckpointError
         from .weights import WeightsError
     except ModuleNotFoundError as exc:  # a runtime-only install: no torch, onnx, ...
         if (exc.name or "").split(".")[0] not in EXPORT_MODULES:
@@ -95,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
               "pip install 'tm-deploy[export]'", file=sys.stderr)
         return 1
     try:
+        if args.task_config is not None:
+            from .task.cli import run_task_export
+
+            run_task_export(args)
+            return 0
         config = ExportConfig(
             size=args.model, modalities=args.modalities, out=args.out, output_modalities=args.output_modalities,
             tokenizer_ckpts=parse_paths(args.tokenizer_ckpt),
@@ -107,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             tim=TimSettings(tuple(args.tim_modalities)) if args.tim_modalities else None,
         )
         export(config, log=lambda s: print(s, flush=True))
-    except (ExportError, WeightsError, ValueError) as exc:
+    except (ExportError, WeightsError, ValueError, CheckpointError) as exc:
         print(f"tm-export: error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -465,6 +465,26 @@ def export(config: ExportConfig, log: Callable[[str], None] = print) -> dict:
     specs = all_specs(model) + tim_specs + [s for name, tok in tokenizers.items()
                                             for s in tokenizer_specs(name, tok, decoder=name in outputs,
                                                                      winograd=config.winograd)]
+    copies = {"coords_tokenizer": (coords_file, COORDS_TOKENIZER_FILE)} if COORDS.name in needed else {}
+
+    def make_manifest(graphs: dict, files: dict) -> dict:
+        manifest = _manifest(config, model, weights, graphs, tokenizers, files, started=start)
+        if config.tim:
+            manifest["tim"] = tim.tim_manifest(config.tim, tim_renames, generation is not None)
+            tim.mark_tim_only_targets(manifest["targets"], config.tim, outputs, graphs)
+        return manifest
+
+    manifest = write_export(out, specs, config, make_manifest, log, copies)
+    log(f"wrote {len(specs)} graphs to {out} in {time.perf_counter() - start:.1f}s")
+    return manifest
+
+
+def write_export(out: Path, specs: list[GraphSpec], config: ExportConfig,
+                 make_manifest: Callable[[dict, dict], dict], log: Callable[[str], None] = print,
+                 copies: dict[str, tuple[Path, str]] | None = None) -> dict:
+    """Export ``specs`` into a temporary directory beside ``out``, copy ``copies`` ({key: (source,
+    file name)}) into it, write ``make_manifest(graphs, files)``, and rename it to ``out`` only if
+    every graph validated: nothing half-written is ever left at ``out``. Returns the manifest."""
     out.parent.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
@@ -473,14 +493,10 @@ def export(config: ExportConfig, log: Callable[[str], None] = print) -> dict:
             log(f"[{i}/{len(specs)}] {spec.name}")
             graphs[spec.name] = export_graph(spec, workdir, config, log)
         files = {}
-        if COORDS.name in needed:
-            shutil.copyfile(coords_file, workdir / COORDS_TOKENIZER_FILE)
-            files["coords_tokenizer"] = {"file": COORDS_TOKENIZER_FILE,
-                                         "sha256": sha256_file(workdir / COORDS_TOKENIZER_FILE)}
-        manifest = _manifest(config, model, weights, graphs, tokenizers, files, started=start)
-        if config.tim:
-            manifest["tim"] = tim.tim_manifest(config.tim, tim_renames, generation is not None)
-            tim.mark_tim_only_targets(manifest["targets"], config.tim, outputs, graphs)
+        for key, (source, name) in (copies or {}).items():
+            shutil.copyfile(source, workdir / name)
+            files[key] = {"file": name, "sha256": sha256_file(workdir / name)}
+        manifest = make_manifest(graphs, files)
         (workdir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
         failed = [n for n, g in graphs.items() if not g.get("validation", {"passed": True})["passed"]]
         if failed:
@@ -493,7 +509,6 @@ def export(config: ExportConfig, log: Callable[[str], None] = print) -> dict:
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
-    log(f"wrote {len(specs)} graphs to {out} in {time.perf_counter() - start:.1f}s")
     return manifest
 
 

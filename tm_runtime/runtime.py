@@ -19,6 +19,7 @@ from .iterative import check_decoding, iterative_decode
 from .merge import check_merge_method, merge_tokens
 from .modalities import COORDS, is_coords
 from .sampling import check_sampling_args, sample_tokens
+from .task import TaskInfo, TaskPipeline
 from .tim import TimConfig, TimOptions, generation_model, tim_parts
 
 Layers = int | Sequence[int] | str
@@ -102,6 +103,7 @@ class TerraMindRuntime:
         self._decoder = DecoderGraphs(self.manifest)
         self._coords_tokenizer: CoordsTokenizer | None = None
         self.tim: TimConfig | None = TimConfig.from_manifest(self.manifest.data)  # a TiM backbone's step
+        self._task: TaskInfo | None = None
 
     # -- facts about the export -------------------------------------------------------------
     @property
@@ -117,6 +119,25 @@ class TerraMindRuntime:
     @property
     def random_weights(self) -> bool:
         return self.manifest.random_weights
+
+    # -- fine-tuned task models (tm_runtime.task) ----------------------------------------------
+    @property
+    def task(self) -> TaskInfo | None:
+        """What a fine-tuned export (``tm-export --task-config``) predicts; None for a backbone export."""
+        if self._task is None and self.manifest.data.get("task"):
+            self._task = TaskInfo.from_manifest(self.manifest.data["task"])
+        return self._task
+
+    def predict(self, inputs: Mapping[str, np.ndarray], standardize: bool = True, output: str = "logits",
+                check_finite: bool = True, **options) -> np.ndarray:
+        """A fine-tuned task model's output, as terratorch's ``task(inputs).output``: (B, K, H, W)
+        float32 logits, ``output="probabilities"`` or ``"classes"`` ((B, H, W) uint8). See
+        ``tm_runtime.task.TaskPipeline.predict``."""
+        if self.task is None:
+            raise ValueError("this export has no task head (it is a backbone export); export a fine-tuned model "
+                             "with tm-export --task-config CONFIG.yaml --ckpt CHECKPOINT")
+        return TaskPipeline(self, self.task).predict(inputs, standardize=standardize, output=output,
+                                                     check_finite=check_finite, **options)
 
     # -- coords -----------------------------------------------------------------------------
     @property
