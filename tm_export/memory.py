@@ -18,7 +18,7 @@ import gc
 import sys
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -133,6 +133,8 @@ class StepRecord:
 class StepLog:
     records: list[StepRecord] = field(default_factory=list)
     graph: str = ""
+    # Called with each record as its step ends (a profile that is killed still shows how far it got).
+    on_record: Callable[[StepRecord], None] | None = None
 
 
 _log: StepLog | None = None
@@ -163,5 +165,7 @@ def step(name: str, graph: str | None = None) -> Iterator[None]:
         yield
     finally:
         peak = window.close()
-        log.records.insert(index, StepRecord(log.graph, name, window.start_rss, peak, current_rss_bytes(),
-                                      time.perf_counter() - t0))
+        record = StepRecord(log.graph, name, window.start_rss, peak, current_rss_bytes(), time.perf_counter() - t0)
+        log.records.insert(index, record)
+        if log.on_record is not None:
+            log.on_record(record)
