@@ -603,8 +603,9 @@ def write_export(out: Path, specs: list[GraphSpec] | Iterable[list[GraphSpec]], 
             raise ValidationFailed(f"graph(s) over tolerance: {', '.join(failed)}; nothing written to {out}")
         if config.precision == "int8":  # quantise the validated fp32 graphs, then gate them
             from .quantize import quantize_export
-            manifest = quantize_export(workdir, config.calibration_data, config.gate_data, config.int8_method,
-                                       seed=config.seed, families=config.int8_graphs, log=log)
+            with step("int8 quantise + gates", graph="-"):
+                manifest = quantize_export(workdir, config.calibration_data, config.gate_data, config.int8_method,
+                                           seed=config.seed, families=config.int8_graphs, log=log)
         # What the export needed, for its users' machines (tests/test_export_memory.py checks the bound).
         written = sum(p.stat().st_size for p in workdir.iterdir() if p.is_file() and p.name != MANIFEST_NAME)
         peak = window.close()
