@@ -7,7 +7,12 @@ recorded (Linux: the high-water mark is reset between steps), then print one row
 ``cost`` is how far the step went above the RSS it started at; ``held`` what it left behind.
 Every row also goes to stderr as its step ends (``# step ...``), so a run stopped half-way (out of
 memory) still shows where it got to. ``--profile-json FILE`` (before the tm-export arguments)
-writes the rows, the peak and the bytes written as JSON (tests/test_export_memory.py reads it).
+writes the rows, the peak and the bytes written as JSON;
+
+    python scripts/profile_export_memory.py --compare BEFORE.json AFTER.json
+
+prints, per kind of step, the highest RSS it reached and the most it added, of two such profiles
+(BENCHMARKS.md, "Export memory").
 """
 from __future__ import annotations
 
@@ -31,7 +36,52 @@ def row(r: memory.StepRecord) -> str:
             f"{(r.rss_after - r.rss_before) / GB:>8.2f}{r.seconds:>7.1f}")
 
 
+# Step names (this code's and the code before issue 12's) -> the kind of work they do.
+KINDS = {"reference model": "build the TerraMind model", "tokenizers": "load tokenizers",
+         "load tokenizer": "load tokenizers", "specs (Winograd rewrite)": "decoder specs / Winograd rewrite",
+         "decoder spec (Winograd rewrite)": "decoder specs / Winograd rewrite",
+         "decoder spec": "decoder specs / Winograd rewrite", "trace": "trace", "simplify": "simplify (onnxslim)",
+         "fp16": "fp16 conversion", "save": "serialise", "validate": "validate",
+         "int8 quantise + gates": "int8 quantise + gates"}
+
+
+def by_kind(profile: dict) -> dict[str, tuple[float, float, str]]:
+    """kind -> (highest RSS reached, most added above the step's start, where), in GB."""
+    out: dict[str, tuple[float, float, str]] = {}
+    for r in profile["steps"]:
+        kind = KINDS.get(r["step"])
+        if kind is None:  # sub-steps of validate
+            continue
+        peak, cost = r["peak"] / GB, (r["peak"] - r["rss_before"]) / GB
+        old = out.get(kind, (0.0, 0.0, ""))
+        out[kind] = (max(old[0], peak), max(old[1], cost), r["graph"] if cost >= old[1] else old[2])
+    return out
+
+
+def compare(before: dict, after: dict) -> str:
+    b, a = by_kind(before), by_kind(after)
+    lines = ["| step | before: highest RSS | before: most added (graph) | after: highest RSS | after: most added (graph) |",
+             "|---|---|---|---|---|"]
+    for kind in dict.fromkeys(KINDS.values()):
+        if kind not in a and kind not in b:
+            continue
+        cells = []
+        for side in (b, a):
+            peak, cost, graph = side.get(kind, (None, None, ""))
+            cells += ["-", "-"] if peak is None else [f"{peak:.2f}", f"+{cost:.2f} ({graph})"]
+        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    for label, key in (("export peak RSS", "peak_rss_bytes"), ("bytes written", "export_bytes")):
+        lines.append(f"| **{label}** | **{before[key] / GB:.2f}** | | **{after[key] / GB:.2f}** | |")
+    bound = [2 * p["export_bytes"] / GB + 1.5 for p in (before, after)]
+    lines.append(f"| bound 2 x bytes + 1.5 GB | {bound[0]:.2f} | | {bound[1]:.2f} | |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["--compare"]:
+        before, after = (json.loads(Path(p).read_text()) for p in argv[1:3])
+        print(compare(before, after))
+        return 0
     json_path = None
     if argv[:1] == ["--profile-json"]:
         json_path, argv = Path(argv[1]), argv[2:]
