@@ -538,7 +538,7 @@ def export(config: ExportConfig, log: Callable[[str], None] = print) -> dict:
             tokenizers[source.name] = tok
             yield tokenizer_specs(source.name, tok, decoder=False)  # the encoder graph
             if source.name in outputs:  # the decoder graph; its Winograd rewrite made only now
-                with step("decoder spec (Winograd rewrite)" if config.winograd else "decoder spec"):
+                with step("decoder spec (Winograd rewrite)" if config.winograd else "decoder spec", graph=source.name):
                     decoders = tokenizer_specs(source.name, tok, winograd=config.winograd)[1:]
                 yield decoders
             del tok
