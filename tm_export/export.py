@@ -571,12 +571,12 @@ def write_export(out: Path, specs: list[GraphSpec] | Iterable[list[GraphSpec]], 
     file name)}) into it, write ``make_manifest(graphs, files)``, and rename it to ``out`` only if
     every graph validated: nothing half-written is ever left at ``out``. Returns the manifest.
 
-    ``specs``: a list of specs (emptied as they are exported), or stages (lists of specs, e.g. a generator that loads a model
-    only when its stage is due) that share no weights with each other. Within a stage, a graph's
-    weights are freed as soon as no later graph of the stage needs them (the modules keep their
-    structure, on the meta device). ``count``: how many graphs in all, for the log. The export's
-    peak RSS (from ``window`` on, or from this call) and seconds (from ``started``) go into the
-    manifest's ``exporter`` and ``validation`` sections."""
+    ``specs``: a list of specs (emptied as they are exported), or stages (lists of specs, e.g. from
+    a generator that loads a model only when its stage is due) that share no weights with each
+    other. Within a stage, a graph's weights are freed as soon as no later graph of the stage needs
+    them (the modules keep their structure, on the meta device). ``count``: how many graphs in all,
+    for the log. The export's peak RSS (from ``window`` on, or from this call) and seconds (from
+    ``started``) go into the manifest's ``exporter`` and ``validation`` sections."""
     window = window or PeakWindow()
     stages = [specs] if isinstance(specs, list) and all(isinstance(s, GraphSpec) for s in specs) else specs
     total = f"/{count}" if count else ""
