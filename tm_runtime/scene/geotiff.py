@@ -69,10 +69,14 @@ class GeoTiffWriter:
         self.extra: list[tuple[Path, Path]] = []  # (temporary, destination) of side files (quicklooks)
         self._next = 0
         self._buffer = np.zeros((spec.count, 0, grid.width), spec.dtype)
-        profile = dict(driver="GTiff", width=grid.width, height=grid.height, count=spec.count, dtype=spec.dtype,
+        # GDAL < 3.11 has no Float16 type: GeoTIFF stores half floats as Float32 with NBITS=16.
+        dtype = "float32" if spec.dtype == "float16" else spec.dtype
+        profile = dict(driver="GTiff", width=grid.width, height=grid.height, count=spec.count, dtype=dtype,
                        crs=grid.crs, transform=grid.transform, nodata=spec.nodata, tiled=True, blockxsize=blocksize,
                        blockysize=blocksize, compress=compress, BIGTIFF="IF_SAFER",
                        predictor=2 if spec.dtype == "uint8" else 3)
+        if spec.dtype == "float16":
+            profile["nbits"] = 16
         if spec.dtype == "uint8":
             profile.pop("predictor")  # a class map compresses as well without, and readers need not support it
         with warnings.catch_warnings():
@@ -127,9 +131,10 @@ class GeoTiffWriter:
         self.final_tmp = self.tmp
         if self.cog:
             cog_tmp = temporary_sibling(self.path, ".cog.tif")
+            extra = {"nbits": 16} if self.spec.dtype == "float16" else {}
             rasterio.shutil.copy(self.tmp, cog_tmp, driver="COG", compress="DEFLATE", blocksize=max(self.blocksize, 64),
                                  overviews="AUTO", BIGTIFF="IF_SAFER",
-                                 resampling="NEAREST" if self.spec.kind == "classes" else "AVERAGE")
+                                 resampling="NEAREST" if self.spec.kind == "classes" else "AVERAGE", **extra)
             self.tmp.unlink()
             self.final_tmp = cog_tmp
         return self.final_tmp
