@@ -57,6 +57,7 @@ CASES = [
     ((150, 170), {**SMALL, "padding": "constant"}),
     ((150, 170), {**SMALL, "stride": 60, "delta": 0, "padding": False, "average_patches": False}),
     ((97, 211), {**SMALL, "padding": False, "blend_overlaps": False}),
+    ((97, 111), {**SMALL, "stride": 56, "delta": 4, "padding": False}),
     ((100, 130), {"crop": 64, "stride": 32, "delta": 12}),  # delta above half the overlap: reduced, as upstream
     ((193, 611), {"crop": 64, "stride": 48, "delta": 2, "average_patches": False}),
 ]
@@ -85,10 +86,20 @@ def test_delta_reduced_with_terratorchs_warning():
     assert plan.params.delta == 16
 
 
-def test_coverage_gap_is_an_error_like_terratorch():
-    # Without padding, a width of crop + 1 leaves column 0 to no window (terratorch raises too).
-    with pytest.raises(RuntimeError, match="receive no output"):
-        plan_windows(450, 225, TilingParams(padding=False))
+@pytest.mark.parametrize("shape,options", [((450, 225), {"padding": False}), ((209, 300), {}),
+                                           ((97, 169), {**SMALL, "stride": 56, "delta": 4})])
+def test_windows_terratorch_would_miss_are_added(shape, options):
+    """terratorch raises 'Some pixels did not receive a classification' where its window grid skips
+    the first window (a padded side of crop + 1, e.g. 209 px with the defaults); we add it."""
+    pytest.importorskip("terratorch")
+    x = np.random.default_rng(1).standard_normal((5, *shape)).astype(np.float32)
+    forward = _forward(1, 5)
+    with pytest.raises(RuntimeError, match="did not receive"):
+        _terratorch(forward, x, **options)
+    plan = plan_windows(*shape, TilingParams(**options))
+    assert min(w.dst[0] for w in plan.windows) == 0 and min(w.dst[2] for w in plan.windows) == 0
+    out = tiled_inference(forward, x, TilingParams(**options))
+    assert np.isfinite(out).all()
 
 
 @pytest.mark.parametrize("bad,match", [({"padding": "circular"}, "circular"), ({"stride": 300}, "gaps"),

@@ -64,7 +64,8 @@ def select_bands(spec: ModalitySpec, label: str, descriptions: Sequence[str | No
     """1-based band indexes of ``label`` to read for ``spec``: the requested names or indexes, else
     the file's band descriptions if they name every band, else all bands if the count fits."""
     count = len(descriptions)
-    listed = ", ".join(repr(d) if d else f"#{i + 1} (no description)" for i, d in enumerate(descriptions))
+    listed = (", ".join(repr(d) if d else f"#{i + 1} (none)" for i, d in enumerate(descriptions))
+              if any(descriptions) else "(it has no band descriptions)")
     want = spec.file_bands
     expected = "a class map (1 band)" if spec.class_map else f"{want} ({', '.join(spec.bands)})"
     if requested is not None:
@@ -79,7 +80,8 @@ def select_bands(spec: ModalitySpec, label: str, descriptions: Sequence[str | No
                 continue
             matches = [i + 1 for i, d in enumerate(descriptions) if _norm(d) in _band_keys(str(item))]
             if not matches:
-                raise ValueError(f"{spec.name}: band {item!r} not found in {label}; its band descriptions: {listed}")
+                raise ValueError(f"{spec.name}: band {item!r} not found in {label}; its band descriptions: {listed}; "
+                                 "select bands by 1-based index instead")
             indexes.append(matches[0])
         if len(indexes) != want:
             raise ValueError(f"{spec.name}: {len(indexes)} bands selected from {label}, the export expects {expected}")

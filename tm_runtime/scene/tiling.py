@@ -142,9 +142,29 @@ class TilePlan:
         return [list(range(i, min(i + size, len(self.windows)))) for i in range(0, len(self.windows), size)]
 
 
-def _axis_starts(padded: int, crop: int, stride: int) -> list[int]:
-    """terratorch's window origins along one padded axis: a regular grid, then one flush with the end."""
-    return list(range(0, padded - crop - 1, stride)) + [padded - crop]
+def _axis_starts(padded: int, crop: int, stride: int, delta: int, padding: str | None) -> list[int]:
+    """terratorch's window origins along one padded axis: a regular grid ``range(0, padded - crop - 1,
+    stride)``, then one flush with the end. Where that grid leaves pixels without output
+    (terratorch raises then, e.g. for padded == crop + 1, where the grid is empty and the first
+    window is missing), the missing windows are added."""
+    starts = list(range(0, padded - crop - 1, stride)) + [padded - crop]
+    last = len(starts) - 1
+
+    def kept(i: int, x: int) -> tuple[int, int]:
+        edge = not padding and (x == 0 or i == last)  # edge windows keep all their output (no padding)
+        return (x, x + crop) if edge else (x + delta, x + crop - delta)
+
+    if starts[0] != 0:
+        starts.insert(0, 0)
+        last += 1
+    i = 0
+    while i < len(starts) - 1:
+        end, start = kept(i, starts[i])[1], kept(i + 1, starts[i + 1])[0]
+        if start > end:  # a gap between two windows: one more window right after the first
+            starts.insert(i + 1, min(end - delta, padded - crop))
+            last += 1
+        i += 1
+    return starts
 
 
 def effective_delta(params: TilingParams) -> int:
@@ -173,8 +193,8 @@ def plan_windows(height: int, width: int, params: TilingParams) -> TilePlan:
                           params.batch_size)
     pad = delta if params.padding else 0
     # An axis shorter than a window (after padding) is padded up to one window at its far end.
-    rows = _axis_starts(max(height + 2 * pad, crop), crop, params.stride)
-    cols = _axis_starts(max(width + 2 * pad, crop), crop, params.stride)
+    rows = _axis_starts(max(height + 2 * pad, crop), crop, params.stride, delta, params.padding)
+    cols = _axis_starts(max(width + 2 * pad, crop), crop, params.stride, delta, params.padding)
 
     inner = np.zeros((crop, crop), np.float32)
     inner[delta:crop - delta, delta:crop - delta] = (
@@ -214,15 +234,19 @@ def _terratorch_order(rows: list[int], cols: list[int]) -> dict[tuple[int, int],
 
 
 def _check_coverage(height: int, width: int, windows: list[Window]) -> None:
-    """Every pixel must receive output (terratorch raises the same way); the grid is a product of
-    two axes, so checking each axis suffices."""
-    for axis, size in ((0, height), (1, width)):
-        covered = np.zeros(size, bool)
-        for w in windows:
-            covered[w.dst[2 * axis]:w.dst[2 * axis + 1]] = True
-        if not covered.all():
-            raise RuntimeError(f"tiling: {int((~covered).sum())} {'rows' if axis == 0 else 'columns'} would "
-                               "receive no output with these crop/stride/delta settings")
+    """Every pixel must receive output (terratorch raises the same way). Checked exactly on the
+    grid of cells cut by the windows' edges (a few per window, not per pixel)."""
+    row_cuts = np.unique([0, height] + [v for w in windows for v in w.dst[:2]])
+    col_cuts = np.unique([0, width] + [v for w in windows for v in w.dst[2:]])
+    covered = np.zeros((len(row_cuts) - 1, len(col_cuts) - 1), bool)
+    for w in windows:
+        r0, r1 = np.searchsorted(row_cuts, w.dst[:2])
+        c0, c1 = np.searchsorted(col_cuts, w.dst[2:])
+        covered[r0:r1, c0:c1] = True
+    if not covered.all():
+        r, c = np.argwhere(~covered)[0]
+        raise RuntimeError(f"tiling: pixels from row {row_cuts[r]} and column {col_cuts[c]} would receive no output "
+                           "with these crop/stride/delta settings")
 
 
 def source_indices(start: int, stop: int, size: int, padding: str | None) -> tuple[np.ndarray, np.ndarray]:
