@@ -5,6 +5,7 @@
                        [--backend ort-cpu|ort-cuda|tensorrt]
     tm-bench generate DIR --outputs S1GRD LULC [--timesteps 10] [--compare-torch]
                        [--backend ort-cpu|ort-cuda|tensorrt]
+    tm-bench scene DIR [--size 2048] [--rss-sizes 1024 8192] [--ray]   (whole scenes: tm_bench/scene.py)
 """
 from __future__ import annotations
 
@@ -87,6 +88,11 @@ def _generate(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["scene"]:  # whole scenes through tm-run's pipeline; parses its own options
+        from .scene import main as scene_main
+
+        return scene_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "generate":
         try:

@@ -80,7 +80,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     r.add_argument("--backend-option", action="append", metavar="KEY=VALUE", help="more backend options")
     r.add_argument("--threads", type=_positive, default=None, help="ONNX Runtime intra-op threads")
     r.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the graph files")
-    r.add_argument("--prefetch", type=_positive, default=2, help="batches read ahead of the model (default 2)")
+    r.add_argument("--prefetch", type=_positive, default=1, help="batches read ahead of the model (default 1)")
     s = p.add_argument_group("scale-out (pip install 'tm-deploy[ray]')")
     s.add_argument("--ray", action="store_true", help="spread the windows over Ray Data actors")
     s.add_argument("--ray-address", default=None, help="an existing cluster ('auto', 'ray://HOST:10001'); "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -101,19 +102,25 @@ class _Failure:
 
 
 class LocalExecutor:
-    """This process: a prefetch thread reads up to ``prefetch`` batches ahead while the caller computes."""
+    """This process: a prefetch thread reads up to ``prefetch`` batches ahead while the caller computes
+    (one is enough when reading a batch is faster than computing it, and keeps memory lowest)."""
 
     name = "local"
 
-    def __init__(self, runtime, prefetch: int = 2) -> None:
+    def __init__(self, runtime, prefetch: int = 1) -> None:
         if prefetch < 1:
             raise ValueError(f"prefetch must be at least 1, got {prefetch}")
         self.runtime = runtime
         self.prefetch = prefetch
+        self.compute_seconds = 0.0  # time spent in the model, for the run summary
 
     def run(self, job: WindowJob, batches: list[list[int]], scene: Scene, source=None) -> Iterator[BatchResult]:
+        self.compute_seconds = 0.0
         for batch in prefetched(lambda b: read_batch(scene, job, b, batches[b]), range(len(batches)), self.prefetch):
-            yield compute_batch(self.runtime, job, batch)
+            start = time.perf_counter()
+            result = compute_batch(self.runtime, job, batch)
+            self.compute_seconds += time.perf_counter() - start
+            yield result
 
 
 def prefetched(read, indices: Iterable[int], depth: int) -> Iterator:

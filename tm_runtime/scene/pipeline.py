@@ -207,6 +207,7 @@ def run_scene(runtime, op: SceneOp, inputs: Mapping[str, Any], out, tiling: Tili
                     "batches": len(batches)},
         "executor": getattr(executor, "name", type(executor).__name__),
         "seconds": seconds,
+        "compute_seconds": getattr(executor, "compute_seconds", None),
         "windows_per_second": len(plan.windows) / seconds if seconds > 0 else None,
         "accumulator_bytes": held,
         "peak_rss_bytes": _peak_rss_bytes(),
