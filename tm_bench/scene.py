@@ -52,22 +52,23 @@ class StandInTask:
         return np.ascontiguousarray(np.repeat(np.repeat(logits, 16, axis=2), 16, axis=3))
 
 
-def write_synthetic_s2(path: Path, size: int, seed: int = 0, strip: int = 256) -> Path:
-    """A size x size S2L2A-like scene (reflectance x 10000, int16), written a strip at a time."""
+def write_synthetic_s2(path: Path, size: int, seed: int = 0, strip: int = 256, width: int | None = None) -> Path:
+    """A size x size (or size x width) S2L2A-like scene (reflectance x 10000, int16), a strip at a time."""
     import rasterio
     from rasterio.transform import from_origin
 
     if path.exists():
         return path
+    height, size = size, width or size
     tmp = path.with_suffix(".part.tif")
-    profile = dict(driver="GTiff", width=size, height=size, count=12, dtype="int16", crs="EPSG:32632",
+    profile = dict(driver="GTiff", width=size, height=height, count=12, dtype="int16", crs="EPSG:32632",
                    transform=from_origin(500000, 5000000, 10, 10), tiled=True, blockxsize=256, blockysize=256,
                    compress="deflate", predictor=2, BIGTIFF="IF_SAFER")
     phase = np.random.default_rng(seed).random(12)[:, None, None] * 6.28
     cols = np.arange(size, dtype=np.float32)[None, None, :]
     with rasterio.open(tmp, "w", **profile) as dst:
-        for r0 in range(0, size, strip):
-            rows = np.arange(r0, min(r0 + strip, size), dtype=np.float32)[None, :, None]
+        for r0 in range(0, height, strip):
+            rows = np.arange(r0, min(r0 + strip, height), dtype=np.float32)[None, :, None]
             field = 1800 + 900 * np.sin(cols / 97 + phase) * np.cos(rows / 131 + phase)
             noise = np.random.default_rng([seed, r0]).integers(-150, 150, (12, rows.shape[1], size))
             dst.write((field + noise).astype(np.int16), window=rasterio.windows.Window(0, r0, size, rows.shape[1]))

@@ -31,8 +31,9 @@ class Block:
 class BandAccumulator:
     """Weighted sums (``average_patches``) or last-in-terratorch-order wins, over a band of rows."""
 
-    def __init__(self, plan: TilePlan, channels: int) -> None:
+    def __init__(self, plan: TilePlan, channels: int, chunk_rows: int = 32) -> None:
         self.plan = plan
+        self.chunk_rows = chunk_rows
         self.channels = channels
         self.average = plan.params.average_patches
         rows, width = plan.band_rows, plan.width
@@ -82,11 +83,10 @@ class BandAccumulator:
         yield from self._flush(self.plan.height)
 
     def _flush(self, until: int) -> Iterator[Block]:
-        n = until - self.base
-        if n <= 0:
-            return
-        while n > 0:  # a jump larger than the band (only with skipped rows of windows) flushes in parts
-            step = min(n, self.capacity)
+        """Hand out rows up to ``until`` (exclusive) in blocks of at most ``chunk_rows`` rows, so
+        that blocks queued for the writer stay small whatever the scene width."""
+        while until > self.base:
+            step = min(until - self.base, self.capacity, self.chunk_rows)
             weights = self.weights[:step]
             values = self.sums[:, :step].copy()
             if self.average:
@@ -94,7 +94,6 @@ class BandAccumulator:
             valid = self.valid[:step] & (weights > 0)
             yield Block(self.base, values, valid)
             self._shift(step)
-            n -= step
 
     def _shift(self, step: int) -> None:
         keep = self.capacity - step

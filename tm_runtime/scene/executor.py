@@ -59,25 +59,32 @@ class BatchResult:
 
 
 def read_batch(scene: Scene, job: WindowJob, index: int, windows: list[int]) -> ReadBatch:
-    """Read (and pad) the windows of one batch; all-nodata windows are listed as skipped."""
-    scale, size, padding = job.scale, job.window_pixels, job.plan.params.padding
-    computed, skipped, parts, valids = [], [], [], []
+    """Read (and pad) the windows of one batch; all-nodata windows are listed as skipped. Windows
+    go straight into one preallocated array per modality (no per-window list, then a stacked copy)."""
+    scale, size, padding, crop = job.scale, job.window_pixels, job.plan.params.padding, job.plan.crop
+    computed: list[int] = []
+    skipped: list[int] = []
+    arrays: dict[str, np.ndarray] = {}
+    valid_out = None
     for i in windows:
         w = job.plan.windows[i]
-        arrays, valid = read_window(scene, w.row * scale, w.col * scale, size, padding)
+        window_arrays, valid = read_window(scene, w.row * scale, w.col * scale, size, padding)
         if not valid.any():
             skipped.append(i)
             continue
-        computed.append(i)
-        parts.append(arrays)
+        if not arrays:
+            arrays = {n: np.empty((len(windows), *a.shape), a.dtype) for n, a in window_arrays.items()}
+            valid_out = np.empty((len(windows), crop, crop), bool)
+        for name, a in window_arrays.items():
+            arrays[name][len(computed)] = a
         if scale > 1:  # an output pixel (a patch) is valid if any of its pixels is
-            c = job.plan.crop
-            valid = valid.reshape(c, scale, c, scale).any(axis=(1, 3))
-        valids.append(valid)
+            valid = valid.reshape(crop, scale, crop, scale).any(axis=(1, 3))
+        valid_out[len(computed)] = valid
+        computed.append(i)
     if not computed:
         return ReadBatch(index, computed, skipped)
-    stacked = {name: np.stack([p[name] for p in parts]) for name in parts[0]}
-    return ReadBatch(index, computed, skipped, stacked, np.stack(valids))
+    n = len(computed)
+    return ReadBatch(index, computed, skipped, {k: a[:n] for k, a in arrays.items()}, valid_out[:n])
 
 
 def compute_batch(runtime, job: WindowJob, batch: ReadBatch) -> BatchResult:

@@ -38,7 +38,7 @@ def check_destination(path: str | os.PathLike, overwrite: bool) -> Path:
     return path
 
 
-def choose_blocksize(count: int, itemsize: int, width: int, height: int, limit: int = 1 << 20) -> int:
+def choose_blocksize(count: int, itemsize: int, width: int, height: int, limit: int = 1 << 19) -> int:
     """Square tiles of at most ``limit`` bytes uncompressed (an embedding map has hundreds of bands),
     no larger than the raster needs, 16..256 pixels: small tiles keep the row buffer small too."""
     size = 256

@@ -44,17 +44,21 @@ class OutputSpec:
     def nodata(self) -> float:
         return 255 if self.kind == "classes" else float("nan")
 
-    def finalize(self, values: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        """Blended (K, n, W) -> the written (count, n, W) array, nodata where not ``valid``."""
-        if self.kind == "classes":
-            out = values.argmax(axis=0).astype(np.uint8)[None]
-        elif self.kind == "probabilities":
-            shifted = values - values.max(axis=0, keepdims=True)
-            np.exp(shifted, out=shifted)
-            out = shifted / shifted.sum(axis=0, keepdims=True)
-        else:
-            out = values
-        out = out.astype(self.dtype, copy=False)
+    def finalize(self, values: np.ndarray, valid: np.ndarray, rows: int = 32) -> np.ndarray:
+        """Blended (K, n, W) -> the written (count, n, W) array, nodata where not ``valid``; done
+        ``rows`` rows at a time so that temporaries (argmax indices, exponentials) stay small."""
+        out = np.empty((self.count, *values.shape[1:]), self.dtype)
+        for r in range(0, values.shape[1], rows):
+            part = values[:, r:r + rows]
+            if self.kind == "classes":
+                done = part.argmax(axis=0)[None]
+            elif self.kind == "probabilities":
+                shifted = part - part.max(axis=0, keepdims=True)
+                np.exp(shifted, out=shifted)
+                done = shifted / shifted.sum(axis=0, keepdims=True)
+            else:
+                done = part
+            out[:, r:r + rows] = done
         out[:, ~valid] = self.nodata
         return out
 

@@ -26,13 +26,13 @@ from .ops import EmbedOp, GenerateOp, OutputSpec, PredictOp, SceneOp, window_siz
 from .progress import Progress
 from .tiling import TilingParams, plan_windows
 
-DEFAULT_GDAL_CACHE = 64 * 1024 * 1024  # bytes: GDAL's default (5% of RAM) would grow with the scene
+DEFAULT_GDAL_CACHE = 32 * 1024 * 1024  # bytes: GDAL's default (5% of RAM) would grow with the scene
 
 
 class _WriterThread:
     """Finalises blocks and writes them in a background thread; errors surface in ``put``/``close``."""
 
-    def __init__(self, depth: int = 4) -> None:
+    def __init__(self, depth: int = 1) -> None:
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._work, name="tm-scene-writer", daemon=True)
@@ -134,7 +134,7 @@ def run_scene(runtime, op: SceneOp, inputs: Mapping[str, Any], out, tiling: Tili
         check_destination(path, overwrite)
     options = SceneOptions(dict(bands or {}), dict(nodata or {}), dict(resampling or {}))
     executor = executor or LocalExecutor(runtime)
-    cache = gdal_cache_bytes or int(os.environ.get("GDAL_CACHEMAX_BYTES", DEFAULT_GDAL_CACHE))
+    cache = gdal_cache_bytes or DEFAULT_GDAL_CACHE
     started = time.perf_counter()
     env = rasterio.Env(GDAL_CACHEMAX=cache) if "GDAL_CACHEMAX" not in os.environ else rasterio.Env()
     with env:
