@@ -214,3 +214,17 @@ def test_small_scene_and_geoarray_input(tmp_path):
         assert out.shape == (100, 130) and out.transform == transform and out.crs == "EPSG:32631"
         np.testing.assert_allclose(out.read(), window_function(rt.weights, {"S2L2A": padded[None]})[0, :, :100, :130],
                                    rtol=0, atol=1e-5)
+
+
+def test_memory_held_does_not_grow_with_scene_height(tmp_path):
+    """Streaming: the rows held for blending are one band of windows, whatever the height."""
+    rt = FakeTaskRuntime(num_classes=2)
+    held = {}
+    for height in (300, 1500):
+        path = write_scene(tmp_path / f"s2_{height}.tif", s2_array(height, 230, seed=height))
+        with rasterio.open(path) as dataset:  # an open dataset works as an input too
+            summary = predict_scene(rt, {"S2L2A": dataset}, tmp_path / f"m_{height}.tif", output="probabilities")
+        held[height] = summary["accumulator_bytes"]
+        with rasterio.open(tmp_path / f"m_{height}.tif") as out:
+            assert out.shape == (height, 230)
+    assert held[300] == held[1500] <= 224 * 230 * (2 * 4 + 4 + 1)

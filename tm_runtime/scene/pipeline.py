@@ -114,7 +114,10 @@ def run_scene(runtime, op: SceneOp, inputs: Mapping[str, Any], out, tiling: Tili
     ``inputs``: {modality: GeoTIFF path | open rasterio dataset | GeoArray}, the first one's grid
     is the output grid. ``out``: a path, or {output name: path} (generate: per modality).
     """
-    import rasterio
+    try:
+        import rasterio
+    except ImportError as error:
+        raise ImportError("scenes need rasterio for GeoTIFF I/O: pip install 'tm-deploy[geo]'") from error
 
     from .geotiff import GeoTiffWriter, check_destination
     from .raster import SceneOptions, open_scene
