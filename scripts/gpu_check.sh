@@ -236,7 +236,8 @@ def tensorrt():
     from tm_runtime.trt.build import BuildSettings, build_engines
     from tm_runtime.trt.compare import compare
     res = {}
-    graphs = [f"embed_{m}" for m in MODS] + ["encoder", f"decoder_{TARGET}", f"unet_{TARGET}"]
+    graphs = [f"embed_{m}" for m in MODS] + ["encoder", "decoder", f"decoder_query_{TARGET}", f"decoder_head_{TARGET}",
+                                             f"unet_{TARGET}"]
     timing_cache = EXPORT / "engines" / "timing.cache"
 
     def build_and_compare(precision, names):

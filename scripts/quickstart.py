@@ -11,27 +11,40 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-TILES = ROOT.parent / "shared" / "data" / "terramesh_examples"
+TILES = ROOT.parent / "shared" / "data" / "terramesh_examples"  # a shared/ folder beside the checkout
 INPUTS = ["S2L2A", "S1RTC", "DEM"]  # modalities with real TerraMesh tiles
 OUTPUTS = ["S1GRD", "LULC"]
 
 
-def load_tiles(modality: str, count: int) -> np.ndarray | None:
-    try:
-        import tifffile
-    except ImportError:
-        return None
-    files = sorted((TILES / modality).glob("*.tif"))[:count]
+def load_tiles(tiles: Path, modality: str, count: int) -> np.ndarray | None:
+    import tifffile
+
+    files = sorted((tiles / modality).glob("*.tif"))[:count]
     if len(files) < count:
         return None
     arrays = [tifffile.imread(f).astype(np.float32) for f in files]
     return np.stack([a[None] if a.ndim == 2 else np.moveaxis(a, -1, 0) for a in arrays])
 
 
-def make_inputs(runtime, batch: int) -> tuple[dict[str, np.ndarray], str]:
-    tiles = {m: load_tiles(m, batch) for m in INPUTS}
-    if all(t is not None for t in tiles.values()):
-        return tiles, f"{batch} real TerraMesh tiles per modality from {TILES}"
+def warn_random_inputs(why: str) -> None:
+    bar = "!" * 78
+    print(f"\n{bar}\n!! NOT REAL DATA: {why}.\n!! The quickstart falls back to RANDOM inputs at the pretraining "
+          f"statistics:\n!! the numbers below show speed and plumbing only. Put 224x224 TerraMesh GeoTIFFs in\n"
+          f"!!   <dir>/{{{','.join(INPUTS)}}}/*.tif  (default <dir>: {TILES})\n!! or pass --tiles DIR.\n{bar}\n",
+          file=sys.stderr, flush=True)
+
+
+def make_inputs(runtime, batch: int, tiles_dir: Path) -> tuple[dict[str, np.ndarray], str]:
+    try:
+        import tifffile  # noqa: F401
+    except ImportError:
+        warn_random_inputs("tifffile is not installed (pip install tifffile), so the tiles cannot be read")
+    else:
+        tiles = {m: load_tiles(tiles_dir, m, batch) for m in INPUTS}
+        if all(t is not None for t in tiles.values()):
+            return tiles, f"{batch} real TerraMesh tiles per modality from {tiles_dir}"
+        missing = [m for m, t in tiles.items() if t is None]
+        warn_random_inputs(f"fewer than {batch} TerraMesh tiles for {', '.join(missing)} under {tiles_dir}")
     rng = np.random.default_rng(0)
     fake = {}
     for m in INPUTS:
@@ -39,16 +52,16 @@ def make_inputs(runtime, batch: int) -> tuple[dict[str, np.ndarray], str]:
         mean = np.asarray(spec.mean, np.float32)[None, :, None, None]
         std = np.asarray(spec.std, np.float32)[None, :, None, None]
         fake[m] = (rng.standard_normal((batch, spec.num_channels, 224, 224)).astype(np.float32) * std + mean)
-    return fake, "random inputs at the pretraining statistics (TerraMesh tiles not found)"
+    return fake, "RANDOM inputs at the pretraining statistics (TerraMesh tiles not found: see the warning above)"
 
 
 def print_validation(manifest: dict) -> None:
     print("\nvalidation (ONNX Runtime CPU vs PyTorch reference, batches 1 and 3):")
-    print(f"  {'graph':<16} {'max abs':>10} {'max rel':>10} {'tolerance':>10}  result")
+    print(f"  {'graph':<22} {'max abs':>10} {'max rel':>10} {'tolerance':>10}  result")
     for name, g in manifest["graphs"].items():
         v = g.get("validation")
         if v:
-            print(f"  {name:<16} {v['max_abs']:>10.2e} {v['max_rel']:>10.2e} {g['max_rel_error']:>10.0e}  "
+            print(f"  {name:<22} {v['max_abs']:>10.2e} {v['max_rel']:>10.2e} {g['max_rel_error']:>10.0e}  "
                   f"{'OK' if v['passed'] else 'FAILED'}")
 
 
@@ -68,6 +81,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "tm-quickstart" / "tiny")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--timesteps", type=int, default=10, help="diffusion steps for generate")
+    parser.add_argument("--tiles", type=Path, default=TILES,
+                        help="TerraMesh tiles, one folder per modality holding *.tif (default: %(default)s)")
     parser.add_argument("--fast", action="store_true",
                         help="shrunken random tokenizers (seconds instead of minutes; latency not representative)")
     args = parser.parse_args()
@@ -84,7 +99,7 @@ def main() -> int:
 
     runtime = TerraMindRuntime(args.out)
     print_validation(runtime.manifest.data)
-    inputs, what = make_inputs(runtime, batch=2)
+    inputs, what = make_inputs(runtime, batch=2, tiles_dir=args.tiles)
     print(f"\ninputs: {what}")
     embedding = runtime.embed(inputs, standardize=True)
     print(f"embed(merge_method='mean') -> {embedding.shape} {embedding.dtype}")
@@ -112,6 +127,8 @@ def main() -> int:
         print(f"  {label:<22} " + " ".join(f"{s[k] * 1e3:>8.1f}" for k in ("mean", "p50", "p90", "p99", "min")))
     print(f"  {'generate, batch 1':<22} {generate_s * 1e3:>8.1f}  (one run, T={args.timesteps})")
     print("\nweights were RANDOM (--random-init): numbers show speed and plumbing, not meaning.")
+    if what.startswith("RANDOM"):
+        print("inputs were RANDOM too: the TerraMesh tiles were not found (see the warning above).", file=sys.stderr)
     assert "torch" not in sys.modules, "the runtime pulled in torch"
     return 0
 

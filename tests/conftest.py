@@ -31,6 +31,17 @@ def small_generate_export(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def two_output_export(tmp_path_factory) -> Path:
+    """tiny, S2L2A -> S1GRD + LULC (a diffusion and a ViT target), shrunken random tokenizers, unvalidated."""
+    from tm_export.export import ExportConfig, export
+
+    out = tmp_path_factory.mktemp("exports") / "tiny_two_outputs"
+    export(ExportConfig(size="tiny", modalities=["S2L2A"], output_modalities=["S1GRD", "LULC"], out=out,
+                        random_init=True, tokenizer_size="small", validate=False), log=lambda s: None)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_reference():
     from tm_export.export import ExportConfig, build_reference
 

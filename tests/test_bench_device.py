@@ -46,7 +46,8 @@ def test_breakdown_covers_every_graph_of_a_generate(small_generate_export):
     recorder = RecordingBackend(device)
     rt.backend = recorder
     rt.generate(random_inputs(1, 0, ["S2L2A", "S1GRD"]), ["DEM"], timesteps=2, seed=0)
-    assert {"embed_S2L2A", "embed_S1GRD", "encoder", "decoder_DEM", "unet_DEM"} <= set(recorder.feeds)
+    assert {"embed_S2L2A", "embed_S1GRD", "encoder", "decoder_query_DEM", "decoder", "decoder_head_DEM",
+            "unet_DEM"} <= set(recorder.feeds)
     out = device_breakdown(device, recorder.feeds, warmup=1, iters=2)
     assert set(out) == set(recorder.feeds)
     for row in out.values():

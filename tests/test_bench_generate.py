@@ -4,15 +4,11 @@ from __future__ import annotations
 import pytest
 
 from tm_bench.generate import GenerateBenchConfig, format_generate_report, run_generate_benchmark
-from tm_export.export import ExportConfig, export
 
 
 @pytest.fixture(scope="module")
-def gen_export(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench_gen") / "tiny"
-    export(ExportConfig(size="tiny", modalities=["S2L2A"], output_modalities=["S1GRD", "LULC"], out=out,
-                        random_init=True, tokenizer_size="small", validate=False), log=lambda s: None)
-    return out
+def gen_export(two_output_export):
+    return two_output_export
 
 
 @pytest.mark.parametrize("compare_torch", [False, True])

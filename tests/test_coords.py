@@ -18,7 +18,8 @@ from tm_export.export import ExportConfig, ExportError, build_reference, build_t
 from tm_export.reference.generation import reference_generate  # noqa: E402
 from tm_runtime import TerraMindRuntime  # noqa: E402
 from tm_runtime.context import EncoderContext, per_group  # noqa: E402
-from tm_runtime.coords import CoordsTokenizer, autoregressive_decode, check_coords, coords_text, merge_span  # noqa: E402
+from tm_runtime.coords import (CoordsTokenizer, autoregressive_decode, causal_bias, check_coords, coords_text,  # noqa: E402
+                              merge_span)
 from tm_runtime.manifest import ManifestError  # noqa: E402
 
 from .conftest import random_inputs  # noqa: E402
@@ -141,15 +142,23 @@ def test_encoder_context_groups_rows_of_equal_length():
 
 
 # -- graphs against the reference --------------------------------------------------------------
-def test_decoder_graph_is_causal_at_every_length(runtime, reference):
+def coords_decoder_logits(runtime, enc, emb, ids):
+    """query_coords -> the shared decoder (causal bias) -> head_coords, graph by graph."""
+    run = runtime.backend.run
+    queries = run("decoder_query_coords", {"ids": ids}, ["queries"])[0]
+    hidden = run("decoder", {"encoder_output": enc, "context_emb": emb, "queries": queries,
+                             "self_bias": causal_bias(ids.shape[1])}, ["hidden"])[0]
+    return run("decoder_head_coords", {"hidden": hidden}, ["logits"])[0]
+
+
+def test_decoder_graphs_are_causal_at_every_length(runtime, reference):
     model = reference[0]
     rng = np.random.default_rng(0)
     enc = rng.standard_normal((2, 199, 192)).astype(np.float32)
     emb = rng.standard_normal((1, 199, 192)).astype(np.float32)
     ids = rng.integers(0, 30000, (2, 3))
     for length in (1, 2, 3):
-        got = runtime.backend.run("decoder_coords", {"encoder_output": enc, "context_emb": emb,
-                                                     "ids": ids[:, :length]}, ["logits"])[0]
+        got = coords_decoder_logits(runtime, enc, emb, ids[:, :length])
         with torch.no_grad():
             ref = model.coords_logits(torch.from_numpy(enc), torch.from_numpy(emb),
                                       torch.from_numpy(ids[:, :length])).numpy()
@@ -159,8 +168,7 @@ def test_decoder_graph_is_causal_at_every_length(runtime, reference):
         np.testing.assert_allclose(got[:, 0], ref[:, 0], rtol=0, atol=1e-4 * np.abs(ref).max())
     changed = ids.copy()
     changed[:, 2] = (changed[:, 2] + 1) % 30000
-    after = runtime.backend.run("decoder_coords", {"encoder_output": enc, "context_emb": emb, "ids": changed},
-                                ["logits"])[0]
+    after = coords_decoder_logits(runtime, enc, emb, changed)
     np.testing.assert_array_equal(after[:, :2], got[:, :2])
     assert not np.array_equal(after[:, 2], got[:, 2])
 
@@ -262,14 +270,15 @@ def test_export_without_coords_rejects_them(small_generate_export):
 def test_tokenizer_file_is_checked_and_required(coords_export, vocab, tmp_path, monkeypatch):
     manifest = json.loads((coords_export / "manifest.json").read_text())
     assert manifest["files"]["coords_tokenizer"]["file"] == "coords_tokenizer.json"
-    assert manifest["coords"]["decoder_graph"] == "decoder_coords" and manifest["coords"]["input"]
+    assert manifest["coords"]["query_graph"] == "decoder_query_coords" and manifest["coords"]["input"]
+    assert manifest["coords"]["head_graph"] == "decoder_head_coords" and manifest["decoder"]["graph"] == "decoder"
     copy = tmp_path / "copy"
     copy.mkdir()
     for f in coords_export.iterdir():
         (copy / f.name).write_bytes(f.read_bytes())
     (copy / "coords_tokenizer.json").write_text((copy / "coords_tokenizer.json").read_text() + " ")
     with pytest.raises(ManifestError, match="coords_tokenizer"):
-        TerraMindRuntime(copy)
+        TerraMindRuntime(copy).tokenize("coords", LONLAT)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
     with pytest.raises(Exception, match="--tokenizer-ckpt coords=PATH"):
@@ -285,7 +294,11 @@ def test_tensorrt_profiles_cover_coords(runtime):
     from tm_runtime.trt.profiles import graph_profiles
 
     profiles = graph_profiles(runtime.manifest)
-    assert profiles["decoder_coords"].inputs["ids"] == ((1, 1), (1, 3), (4, 3))
+    assert profiles["decoder_query_coords"].inputs["ids"] == ((1, 1), (1, 3), (4, 3))
+    assert profiles["decoder_head_coords"].inputs["hidden"] == ((1, 1, 192), (1, 3, 192), (4, 3, 192))
+    # the shared decoder takes the coords sequence (1 to 3 queries) and LULC's 196 alike
+    assert profiles["decoder"].inputs["queries"] == ((1, 1, 192), (1, 196, 192), (4, 196, 192))
+    assert profiles["decoder"].inputs["self_bias"] == ((1, 1), (196, 196), (196, 196))
     assert profiles["embed_coords"].inputs["ids"] == ((1, 1), (1, 3), (4, 3))
     # S2L2A, then LULC fed back before a last coords output: two image modalities, plus 3 coords tokens
     lo, _, hi = profiles["encoder"].inputs["tokens"]

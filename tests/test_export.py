@@ -32,7 +32,7 @@ def test_graphs_have_symbolic_batch_and_tokens(tiny_export):
 
 def test_manifest_contents(tiny_export):
     m = json.loads((tiny_export / "manifest.json").read_text())
-    assert m["format"] == "tm-deploy-export" and m["format_version"] == 1
+    assert m["format"] == "tm-deploy-export" and m["format_version"] == 2
     assert m["model"]["size"] == "tiny" and m["model"]["dim"] == 192
     assert m["weights"] == {"random_init": True, "seed": 7, "source": "random-init", "tokenizers": {}}
     assert list(m["modalities"]) == ["S2L2A", "S1GRD", "DEM"]
@@ -57,8 +57,13 @@ def test_tampered_graph_is_refused(tiny_export, tmp_path):
     with open(copy / "embed_DEM.onnx", "r+b") as f:
         f.seek(-100, 2)
         f.write(b"\0" * 10)
+    # Checked when the graph is first used: the other modalities still embed, DEM is refused.
+    rt = TerraMindRuntime(copy)
+    assert rt.embed({"S1GRD": np.zeros((1, 2, 224, 224), np.float32)}).shape == (1, 196, 192)
     with pytest.raises(ManifestError, match="embed_DEM.*sha256"):
-        TerraMindRuntime(copy)
+        rt.embed({"DEM": np.zeros((1, 1, 224, 224), np.float32)})
+    with pytest.raises(ManifestError, match="embed_DEM.*sha256"):
+        TerraMindRuntime(copy, backend=rt.backend)  # a backend object: every file checked at load
     (copy / "encoder.onnx").unlink()
     with pytest.raises(ManifestError, match="encoder.onnx is missing"):
         load_manifest(copy).verify(["encoder"])
@@ -69,6 +74,10 @@ def test_not_an_export(tmp_path):
         TerraMindRuntime(tmp_path)
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "tm-deploy-export", "format_version": 99}))
     with pytest.raises(ManifestError, match="format version 99"):
+        TerraMindRuntime(tmp_path)
+    # version 1 (a whole decoder per output) is not read, and the error says to re-export
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "tm-deploy-export", "format_version": 1}))
+    with pytest.raises(ManifestError, match="format version 1 .*Re-export it with this version's tm-export"):
         TerraMindRuntime(tmp_path)
 
 
@@ -136,7 +145,7 @@ def test_external_data_is_used_for_big_graphs(tmp_path):
     with open(out / "encoder.onnx.data", "r+b") as f:
         f.write(b"\1\2\3")
     with pytest.raises(ManifestError, match="encoder.onnx.data has sha256"):
-        TerraMindRuntime(out)
+        TerraMindRuntime(out).embed({"S1GRD": np.zeros((1, 2, 224, 224), np.float32)})
 
 
 def test_band_subset_and_image_size(tmp_path):
@@ -182,7 +191,7 @@ def test_bad_export_arguments(tmp_path):
         parse_bands(["S2L2A=BLUE,PURPLE"])
     with pytest.raises(ValueError, match="unknown model size 'huge'"):
         export(ExportConfig(size="huge", modalities=["DEM"], out=tmp_path / "x", random_init=True), **QUIET)
-    with pytest.raises(ValueError, match="unknown modality 'LIDAR'"):
+    with pytest.raises(ValueError, match="unknown modality 'LIDAR'; known input modalities: .*NDVI, coords"):
         export(ExportConfig(size="tiny", modalities=["LIDAR"], out=tmp_path / "x", random_init=True), **QUIET)
     with pytest.raises(ExportError, match="--bands names S1GRD"):
         export(ExportConfig(size="tiny", modalities=["DEM"], out=tmp_path / "x", random_init=True,

@@ -20,8 +20,11 @@ def s2(batch=1, channels=12, size=224, dtype=np.float32):
 
 @pytest.mark.parametrize("inputs, error, pattern", [
     ({}, ValueError, "empty"),
-    ({"S2L1C": s2(channels=13)}, ValueError, "unknown modality 'S2L1C'.*S2L2A, S1GRD, DEM"),
-    ({"Optical": s2()}, ValueError, "unknown modality 'Optical'"),
+    # a modality TerraMind has but this export lacks is "not exported"; a name nobody knows is "unknown"
+    ({"S2L1C": s2(channels=13)}, ValueError,
+     r"modality S2L1C was not exported \(exported modalities: S2L2A, S1GRD, DEM\); re-export with S2L1C"),
+    ({"Optical": s2()}, ValueError, "unknown modality 'Optical'; known input modalities: .*NDVI, coords .*"
+                                    "this export has S2L2A, S1GRD, DEM"),
     ({"S2L2A": s2(channels=10)}, ValueError, r"S2L2A: expected 12 channels .*got 10"),
     ({"S2L2A": np.zeros((12, 224, 224), np.float32)}, ValueError, r"S2L2A: expected a 4-D array.*\(12, 224, 224\)"),
     ({"S2L2A": s2(dtype=np.int16)}, TypeError, "S2L2A: expected a floating-point array.*int16"),

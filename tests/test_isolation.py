@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import tm_runtime
 
 FORBIDDEN = {"torch", "tm_export", "terratorch", "torchvision"}
@@ -49,3 +51,22 @@ def test_embed_runs_without_torch_loaded(tiny_export):
     result = subprocess.run([sys.executable, "-c", blocker + code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_openvino_backend_runs_without_torch_loaded(tiny_export):
+    """The OpenVINO backend, like the default one, never pulls in torch or tm_export."""
+    pytest.importorskip("openvino")
+    code = (
+        "import sys, numpy as np\n"
+        "from tm_runtime import TerraMindRuntime\n"
+        f"rt = TerraMindRuntime({str(tiny_export)!r}, backend='openvino', backend_options={{'cache_dir': None}})\n"
+        "out = rt.embed({'S1GRD': np.zeros((1, 2, 224, 224), np.float32)})\n"
+        "assert out.shape == (1, 196, 192), out.shape\n"
+        "bad = sorted(m for m, mod in sys.modules.items() if mod is not None and m.split('.')[0] in ('torch', 'tm_export', 'terratorch'))\n"
+        "assert not bad, bad\n"
+        "print('ok')\n"
+    )
+    blocker = "import sys; sys.modules['torch'] = None; sys.modules['tm_export'] = None\n"
+    result = subprocess.run([sys.executable, "-c", blocker + code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("ok")

@@ -32,7 +32,7 @@ def test_manifest_and_graph_types(pair):
     root, manifest = pair
     assert manifest["precision"] == "fp16"
     graphs = manifest["graphs"]
-    for name in ("encoder", "decoder_DEM", "unet_DEM", "detokenize_LULC", "embed_S2L2A"):
+    for name in ("encoder", "decoder", "decoder_head_DEM", "unet_DEM", "detokenize_LULC", "embed_S2L2A"):
         assert graphs[name]["precision"] == "fp16"
         assert graphs[name]["max_rel_error"] == 1e-2
         assert graphs[name]["validation"]["passed"]
@@ -41,7 +41,7 @@ def test_manifest_and_graph_types(pair):
         assert graphs[name]["inputs"][0]["dtype"] in ("float32", "int64")
     # FSQ rounding must give the fp32 ids: tokenizer encoders stay fp32
     assert graphs["tokenize_DEM"]["precision"] == "fp32"
-    assert graphs["decoder_DEM"]["validation"]["argmax_agreement"] > 0.95
+    assert graphs["decoder_head_DEM"]["validation"]["argmax_agreement"] > 0.95
     assert graphs["unet_DEM"]["validation"]["min_psnr_db"] > 40
     enc16 = (root / "fp16" / "encoder.onnx").stat().st_size
     enc32 = (root / "fp32" / "encoder.onnx").stat().st_size
@@ -67,6 +67,6 @@ def test_fp16_runtime_close_to_fp32(pair):
 def test_bf16_and_unknown_precision_are_refused(tmp_path):
     with pytest.raises(ValueError, match="bf16 graphs are not supported yet"):
         export(cfg(tmp_path / "b", "bf16"), log=lambda s: None)
-    with pytest.raises(ValueError, match="--precision must be one of fp32, fp16"):
-        export(cfg(tmp_path / "c", "int8"), log=lambda s: None)
+    with pytest.raises(ValueError, match="--precision must be one of fp32, fp16, int8"):
+        export(cfg(tmp_path / "c", "int4"), log=lambda s: None)
     assert list(tmp_path.iterdir()) == []

@@ -52,6 +52,10 @@ def test_class_map_one_hot_and_ndvi_match_reference(setup):
     as_onehot = runtime.embed({"S2L2A": s2, "LULC": onehot, "NDVI": ndvi_std}, merge_method=None)
     np.testing.assert_array_equal(as_map, as_onehot)
     np.testing.assert_array_equal(as_map, as_map_1ch)
+    # a float32 (B, 1, H, W) class map, as read from a GeoTIFF, holding whole class ids
+    as_float_map = runtime.embed({"S2L2A": s2, "LULC": classes[:, None].astype(np.float32), "NDVI": ndvi_std},
+                                 merge_method=None)
+    np.testing.assert_array_equal(as_map, as_float_map)
     assert float(np.abs(as_map - ref).max() / np.abs(ref).max()) < 1e-4
     # standardize=True applies NDVI's statistics (LULC's are identity)
     std = runtime.embed({"S2L2A": s2, "LULC": classes, "NDVI": ndvi}, merge_method=None, standardize=True)
@@ -73,6 +77,10 @@ def test_tokenized_inputs_in_generate(setup):
     (np.full((1, 224, 224), 10), ValueError, r"LULC: class ids must lie in \[0, 10\), got values in \[10, 10\]"),
     (np.zeros((1, 2, 224, 224), np.int64), ValueError, r"LULC: a class map must be \(B, H, W\)"),
     (np.zeros((1, 3, 224, 224), np.float32), ValueError, "LULC: expected 10 channels"),
+    (np.full((1, 1, 224, 224), 2.5, np.float32), ValueError,
+     r"LULC: a float32 array of shape \(1, 1, 224, 224\) is read as a class map, whose values must be whole "
+     r"class ids 0..9.*or a one-hot float array \(B, 10, H, W\)"),
+    (np.full((1, 224, 224), 12.0), ValueError, r"LULC: class ids must lie in \[0, 10\), got values in \[12, 12\]"),
 ])
 def test_bad_lulc(setup, value, error, pattern):
     with pytest.raises(error, match=pattern):

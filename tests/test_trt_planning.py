@@ -113,9 +113,14 @@ def test_profiles_from_manifest(gen_export):
     assert max_context_modalities(m) == 2
     prof = graph_profiles(m, ProfileSettings(batch=(1, 2, 8)))
     assert prof["encoder"].inputs["tokens"] == ((1, N, D), (2, 2 * N, D), (8, 2 * N, D))
-    dec = prof["decoder_DEM"].inputs
+    dec = prof["decoder"].inputs
     assert dec["encoder_output"] == ((1, N, D), (2, 2 * N, D), (8, 2 * N, D))
     assert dec["context_emb"] == ((1, N, D), (1, 2 * N, D), (1, 2 * N, D))  # leading 1 stays fixed
+    # image targets only: the shared decoder's queries are the target's N, a static dim
+    assert dec["queries"] == ((1, N, D), (2, N, D), (8, N, D))
+    assert dec["self_bias"] == ((N, N), (N, N), (N, N))
+    assert prof["decoder_query_DEM"].inputs["positions"] == ((N,), (N,), (N,))
+    assert prof["decoder_head_DEM"].inputs["hidden"] == ((1, N, D), (2, N, D), (8, N, D))
     unet = prof["unet_DEM"].inputs
     assert unet["x_t"] == ((1, 1, 224, 224), (2, 1, 224, 224), (8, 1, 224, 224))
     assert unet["t"] == ((1,), (2,), (8,))
@@ -152,8 +157,10 @@ def test_buffer_plan_sizes_follow_dtypes(gen_export):
     m = load_manifest(gen_export)
     prof = graph_profiles(m, ProfileSettings(batch=(1, 2, 8)))
     plan = {g: {b.name: b for b in rows} for g, rows in buffer_plan(m, prof).items()}
-    assert plan["decoder_DEM"]["logits"].nbytes == 8 * N * 15360 * 4
-    assert plan["decoder_DEM"]["context_emb"].nbytes == 1 * 2 * N * D * 4
+    assert plan["decoder_head_DEM"]["logits"].nbytes == 8 * N * 15360 * 4
+    assert plan["decoder"]["context_emb"].nbytes == 1 * 2 * N * D * 4
+    assert plan["decoder"]["hidden"].nbytes == 8 * N * D * 4
+    assert plan["decoder_query_DEM"]["queries"].max_shape == (1, N, D)
     assert plan["unet_DEM"]["t"].nbytes == 8 * DTYPE_BYTES["int64"]
     assert plan["tokenize_DEM"]["ids"].nbytes == 8 * 14 * 14 * DTYPE_BYTES["int32"]
     assert plan["embed_tok_DEM"]["ids"].nbytes == 8 * 14 * 14 * 8
@@ -165,8 +172,8 @@ def test_buffer_plan_sizes_follow_dtypes(gen_export):
 
 
 def test_activation_plan_shares_the_max():
-    plan = activation_plan({"encoder": 3_000_000, "decoder_DEM": 10_000_000, "unet_DEM": 7_000_000})
-    assert plan.largest == "decoder_DEM"
+    plan = activation_plan({"encoder": 3_000_000, "decoder": 10_000_000, "unet_DEM": 7_000_000})
+    assert plan.largest == "decoder"
     assert plan.shared_bytes >= 10_000_000 and plan.shared_bytes % 256 == 0 and plan.shared_bytes < 10_000_256
     assert plan.separate_bytes == 20_000_000 and plan.saved_bytes == plan.separate_bytes - plan.shared_bytes
     assert activation_plan({}).shared_bytes == 0
@@ -433,7 +440,7 @@ def test_tensorrt_backend_logic_with_fakes(gen_export, monkeypatch):
     with pytest.raises(ValueError, match="do not match the engine's inputs"):
         backend.run("encoder", {"x": tokens})
     with pytest.raises(KeyError, match="no TensorRT engine"):
-        backend.run("decoder_DEM", {})
+        backend.run("decoder", {})
 
     # Device chaining: an output view fed to the same graph is copied into the input buffer first
     # (one launch must not read and write one buffer) ...

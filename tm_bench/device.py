@@ -15,7 +15,8 @@ import numpy as np
 
 from .stats import summarize
 
-BACKENDS = {"ort-cpu": "ort", "ort-cuda": "ort-cuda", "tensorrt": "tensorrt"}
+BACKENDS = {"ort-cpu": "ort", "ort-cuda": "ort-cuda", "tensorrt": "tensorrt", "openvino": "openvino"}
+PRECISIONS = ("fp32", "bf16", "fp16")  # --precision: OpenVINO's inference precision
 
 
 def runtime_backend(name: str) -> str:
@@ -24,6 +25,29 @@ def runtime_backend(name: str) -> str:
         return BACKENDS[name]
     except KeyError:
         raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {name!r}") from None
+
+
+def runtime_options(name: str, precision: str | None, threads: int | None) -> dict[str, Any]:
+    """``backend_options`` for ``--backend`` / ``--precision`` (precision is OpenVINO's; an ONNX
+    Runtime backend runs the export's graphs in the precision they were exported in)."""
+    if name != "openvino":
+        if precision not in (None, "fp32"):
+            raise ValueError(f"--precision {precision} needs --backend openvino (ONNX Runtime runs the graphs in "
+                             "the precision they were exported in: use an int8 or fp16 export)")
+        return {}
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    options: dict[str, Any] = {"precision": precision or "fp32"}
+    if threads:
+        options["threads"] = threads
+    return options
+
+
+def engine_label(name: str, precision: str | None) -> str:
+    """How result tables name the runtime's rows: 'onnxruntime' for ort-cpu (as before)."""
+    if name == "ort-cpu":
+        return "onnxruntime"
+    return f"openvino-{precision or 'fp32'}" if name == "openvino" else name
 
 
 class RecordingBackend:

@@ -25,7 +25,7 @@ from tm_runtime.backends import OrtBackend
 from tm_runtime.modalities import canonical_name
 
 from . import machine
-from .device import RecordingBackend, device_breakdown, runtime_backend
+from .device import RecordingBackend, device_breakdown, engine_label, runtime_backend, runtime_options
 from .flops import model_flops
 from .stats import summarize
 
@@ -48,7 +48,8 @@ class EmbedBenchConfig:
     # Idle gap before each interleaved call. OpenMP (torch) and OpenBLAS workers busy-wait for
     # a while after their work; without a gap they take a core from whoever runs next.
     gap_s: float = 0.05
-    backend: str = "ort-cpu"  # ort-cpu | ort-cuda | tensorrt
+    backend: str = "ort-cpu"  # ort-cpu | ort-cuda | tensorrt | openvino
+    precision: str | None = None  # openvino: fp32 | bf16 | fp16
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -72,7 +73,8 @@ def _row(name: str, engine: str, scope: str, phase: str, batch: int, samples: li
     best = max(rates.values())
     floor_s = floor_flops / (best * 1e9)
     return {
-        "name": name, "engine": engine, "scope": scope, "phase": phase, "batch": batch,
+        "name": name, "engine": engine, "runtime": phase == "ort-only" or not engine.startswith(("torch", "terratorch")),
+        "scope": scope, "phase": phase, "batch": batch,
         "latency_s": lat, "throughput_images_per_s": batch / lat["p50"],
         "floor_flops": floor_flops, "floor_s": floor_s, "floor_fraction": floor_s / lat["p50"],
         "floor_fraction_with_attention": (floor_flops + attention_flops) / (best * 1e9) / lat["p50"],
@@ -148,7 +150,11 @@ def run_embed_benchmark(config: EmbedBenchConfig, log: Log = print) -> dict[str,
     }
     rss_start = machine.current_rss_bytes()
     peak_reset = machine.reset_peak_rss()
-    rt = TerraMindRuntime(config.export_dir, threads=threads, backend=runtime_backend(config.backend))
+    rt = TerraMindRuntime(config.export_dir, threads=threads, backend=runtime_backend(config.backend),
+                          backend_options=runtime_options(config.backend, config.precision, threads))
+    engine = engine_label(config.backend, config.precision)
+    if rt.tim:  # its FLOP floor, per-graph split and terratorch twin would all be those of a plain backbone
+        raise ValueError(f"{config.export_dir} is a TiM backbone; tm-bench embed does not measure TiM exports yet")
     if config.ort_spinning and config.backend != "ort-cpu":
         raise ValueError("--ort-spinning applies to --backend ort-cpu only")
     if config.ort_spinning:
@@ -160,7 +166,7 @@ def run_embed_benchmark(config: EmbedBenchConfig, log: Log = print) -> dict[str,
     if unknown:
         raise ValueError(f"modalities {unknown} are not in this export ({', '.join(rt.modalities)})")
     graphs = [rt.manifest.modalities[n].graph for n in names] + [rt.manifest.data["encoder"]["graph"]]
-    has_sessions = callable(getattr(rt.backend, "session", None))  # ORT backends; TensorRT has engines
+    has_sessions = callable(getattr(rt.backend, "session", None))  # ORT and OpenVINO; TensorRT has engines
     for graph in graphs:
         if has_sessions:
             rt.backend.session(graph)
@@ -174,8 +180,8 @@ def run_embed_benchmark(config: EmbedBenchConfig, log: Log = print) -> dict[str,
         "batches": config.batches, "warmup": config.warmup, "iters": config.iters, "threads": threads,
         "input_seed": config.seed, "compare_torch": config.compare_torch, "timer": "time.perf_counter",
         "interleave_gap_s": config.gap_s,
-        "backend": config.backend,
-        "ort": _session_facts(rt, graphs[-1]) if has_sessions else {},
+        "backend": config.backend, "engine": engine,
+        "ort": _session_facts(rt, graphs[-1]) if isinstance(rt.backend, OrtBackend) else {},
     }
     created = getattr(rt.backend, "session_seconds", {})
     result["session_creation_s"] = {g: created[g] for g in graphs if g in created}
@@ -186,7 +192,9 @@ def run_embed_benchmark(config: EmbedBenchConfig, log: Log = print) -> dict[str,
     for batch in config.batches:
         log(f"ORT, batch {batch}: {config.warmup} warm-up + {config.iters} timed iterations")
         ort_samples[batch] = _ort_phase(rt, _inputs(rt, names, batch, config.seed), config.warmup, config.iters)
-    if config.backend != "ort-cpu":
+    if hasattr(rt.backend, "describe"):
+        result["settings"]["openvino"] = rt.backend.describe()
+    if config.backend not in ("ort-cpu", "openvino"):
         recorder = RecordingBackend(rt.backend)
         backend, rt.backend = rt.backend, recorder
         try:
@@ -195,12 +203,13 @@ def run_embed_benchmark(config: EmbedBenchConfig, log: Log = print) -> dict[str,
             rt.backend = backend
         result["device"] = device_breakdown(backend, recorder.feeds, warmup=config.warmup, iters=config.iters)
     result["memory"] = {"rss_before_sessions_bytes": rss_start, "peak_rss_ort_bytes": machine.peak_rss_bytes(),
-                        "peak_is_per_phase": peak_reset}
+                        "peak_is_per_phase": peak_reset,
+                        "export_peak_rss_bytes": rt.manifest.data.get("exporter", {}).get("peak_rss_bytes")}
 
     compare: dict[int, dict[str, Any]] = {}
     counted_flops: dict[int, dict[str, Any]] = {}
     if config.compare_torch:
-        compare, counted_flops = _torch_phase(rt, names, config, threads, gemm, result, log)
+        compare, counted_flops = _torch_phase(rt, names, config, threads, gemm, result, log, engine)
 
     rates = {lib: g["gflops_best"] for lib, g in gemm.items()}
     gemm_rate = max(rates.values())
@@ -215,11 +224,11 @@ def run_embed_benchmark(config: EmbedBenchConfig, log: Log = print) -> dict[str,
         rows = []
         for name, samples in ort_samples[batch].items():
             if name == "embed":
-                rows.append(_row("embed", ORT, "end-to-end", "ort-only", batch, samples, floor_total, attention,
+                rows.append(_row("embed", engine, "end-to-end", "ort-only", batch, samples, floor_total, attention,
                                  rates))
             else:
                 graph_attention = attention if name == rt.manifest.data["encoder"]["graph"] else 0
-                rows.append(_row(name, ORT, "graph", "ort-only", batch, samples,
+                rows.append(_row(name, engine, "graph", "ort-only", batch, samples,
                                  flops["per_graph_without_attention"][name], graph_attention, rates))
         run: dict[str, Any] = {"batch": batch, "flops": {**flops, **counted_flops.get(batch, {})},
                                "floor_flops": floor_total, "floor_s": floor_total / (gemm_rate * 1e9)}
@@ -229,6 +238,7 @@ def run_embed_benchmark(config: EmbedBenchConfig, log: Log = print) -> dict[str,
                                  attention, rates))
             run["speedup_of_ort"] = compare[batch]["ratios"]
             run["max_abs_diff_vs_ort"] = compare[batch]["diffs"]
+            run["accuracy_vs_terratorch_fp32"] = compare[batch]["accuracy"]
         run["rows"] = rows
         result["runs"].append(run)
     result["finished_unix"] = time.time()
@@ -237,6 +247,21 @@ def run_embed_benchmark(config: EmbedBenchConfig, log: Log = print) -> dict[str,
     except OSError:
         pass
     return result
+
+
+def _accuracy(outputs: dict[str, np.ndarray], reference: str) -> dict[str, dict[str, float]]:
+    """Per-token cosine (min, mean) of every contender's embedding against terratorch in fp32
+    (or our reference when terratorch is missing): the accuracy beside each time."""
+    from tm_runtime.accuracy import token_cosines
+
+    ref = outputs.get(reference, outputs.get("torch_reference"))
+    if ref is None:
+        return {}
+    out = {}
+    for name, value in outputs.items():
+        cos = token_cosines(value, ref)
+        out[name] = {"token_cosine_min": float(cos.min()), "token_cosine_mean": float(cos.mean())}
+    return out
 
 
 def _session_facts(rt: TerraMindRuntime, graph: str) -> dict[str, Any]:
@@ -257,7 +282,7 @@ def _config_entry(opts: Any, key: str = "session.intra_op.allow_spinning") -> st
 
 def _torch_phase(rt: TerraMindRuntime, names: list[str], config: EmbedBenchConfig, threads: int,
                  gemm: dict[str, Any], result: dict[str, Any],
-                 log: Log) -> tuple[dict[int, dict[str, Any]], dict[int, dict[str, Any]]]:
+                 log: Log, engine: str = ORT) -> tuple[dict[int, dict[str, Any]], dict[int, dict[str, Any]]]:
     log("--compare-torch: building the PyTorch reference and terratorch eager on the same weights")
     from . import torch_side  # imports torch: only here
 
@@ -276,21 +301,23 @@ def _torch_phase(rt: TerraMindRuntime, names: list[str], config: EmbedBenchConfi
         ordered = {n: inputs[n] for n in names}
         flops = torch_side.count_flops(flop_module.module, ordered)
         floor = flops
-        if flop_module.name != "terratorch_eager":
+        if not flop_module.name.startswith("terratorch"):
             # Our reference spells attention as explicit matmuls, which the counter sees; upstream's
             # SDPA it does not. Keep the floor's definition the same either way.
             floor -= model_flops(rt.manifest.data, names, batch)["attention"]
         counted[batch] = {"flop_counter": flops, "flop_counter_model": flop_module.name, "floor_flops": floor}
         reference_out = rt.embed(ordered)
         diffs = {}
+        outputs = {engine: reference_out}
         for c in contenders:
-            out = c.run(ordered)
+            out = outputs[c.name] = c.run(ordered)
             diffs[c.name] = {"max_abs": float(np.max(np.abs(out - reference_out))),
                              "max_rel": float(np.max(np.abs(out - reference_out)) / np.max(np.abs(out)))}
-        runs: list[tuple[str, Callable[[], object]]] = [(ORT, lambda: rt.embed(ordered))]
+        runs: list[tuple[str, Callable[[], object]]] = [(engine, lambda: rt.embed(ordered))]
         runs += [(c.name, lambda c=c: c.run(ordered)) for c in contenders]
-        log(f"interleaved ORT / {' / '.join(c.name for c in contenders)}, batch {batch}")
+        log(f"interleaved {engine} / {' / '.join(c.name for c in contenders)}, batch {batch}")
         samples = _interleaved(runs, config.warmup, config.iters, config.gap_s)
-        compare[batch] = {"samples": samples, "ratios": _ratios(samples, ORT), "diffs": diffs}
+        compare[batch] = {"samples": samples, "ratios": _ratios(samples, engine), "diffs": diffs,
+                          "accuracy": _accuracy(outputs, torch_side.FP32_REFERENCE)}
     result["memory"]["peak_rss_with_torch_bytes"] = machine.peak_rss_bytes()
     return compare, counted

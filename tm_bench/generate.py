@@ -22,7 +22,7 @@ from tm_runtime import TerraMindRuntime
 from tm_runtime import runtime as runtime_module
 from tm_runtime.scheduler import DDIMScheduler
 
-from .device import RecordingBackend, device_breakdown, format_breakdown, runtime_backend
+from .device import RecordingBackend, device_breakdown, engine_label, format_breakdown, runtime_backend, runtime_options
 from .machine import machine_info, numpy_sgemm_gflops, peak_rss_bytes, versions
 from .stats import summarize
 
@@ -40,28 +40,44 @@ class GenerateBenchConfig:
     threads: int | None = None
     compare_torch: bool = False
     seed: int = 0
-    backend: str = "ort-cpu"  # ort-cpu | ort-cuda | tensorrt
+    backend: str = "ort-cpu"  # ort-cpu | ort-cuda | tensorrt | openvino
+    precision: str | None = None  # openvino: fp32 | bf16 | fp16
 
 
 class TimingBackend:
-    """Forwards ``run`` to the real backend and adds up the wall time per graph."""
+    """Forwards ``run`` to the real backend and adds up the wall time per graph, and per stage.
 
-    def __init__(self, inner: Any) -> None:
+    The decoder graph is shared by every output: its time joins the stage of the output whose
+    head graph runs next ("decoder S1GRD" = its queries + the shared decoder + its head)."""
+
+    def __init__(self, inner: Any, decoder_graph: str | None = None) -> None:
         self.inner = inner
+        self.decoder_graph = decoder_graph
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
+        self.stage_seconds: dict[str, float] = defaultdict(float)
+        self._pending = 0.0  # decoder time not yet attributed to an output
 
     def run(self, name: str, feeds: dict, outputs: list[str] | None = None) -> list[np.ndarray]:
         start = time.perf_counter()
         try:
             return self.inner.run(name, feeds, outputs)
         finally:
-            self.seconds[name] += time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            self.seconds[name] += elapsed
             self.calls[name] += 1
+            if name == self.decoder_graph:
+                self._pending += elapsed
+            else:
+                if name.startswith("decoder_head_"):
+                    elapsed, self._pending = elapsed + self._pending, 0.0
+                self.stage_seconds[_stage_label(name)] += elapsed
 
     def reset(self) -> None:
         self.seconds.clear()
         self.calls.clear()
+        self.stage_seconds.clear()
+        self._pending = 0.0
 
     def __getattr__(self, attr: str) -> Any:
         # GPU backends' run_device, stream, ...: the runtime keeps its device-resident loop (those
@@ -112,12 +128,12 @@ def _inputs(rt: TerraMindRuntime, batch: int, seed: int) -> dict[str, np.ndarray
 def _stage_label(graph: str) -> str:
     if graph.startswith("unet_"):
         return f"UNet step ({graph[5:]}), per call"
-    if graph.startswith("decoder_"):
-        return f"decoder {graph[8:]}"
+    if graph in ("decoder_head_coords", "decoder_query_coords"):
+        return "decoder coords (causal, token by token)"
+    if graph.startswith(("decoder_head_", "decoder_query_")):
+        return f"decoder {graph.split('_', 2)[2]}"
     if graph.startswith("detokenize_"):
         return f"{graph[11:]} ViT decoder"
-    if graph == "decoder_coords":
-        return "decoder coords (causal), per token"
     if graph == "embed_coords":
         return "coords embedding"
     if graph.startswith("embed_tok_"):
@@ -129,8 +145,9 @@ def _stage_label(graph: str) -> str:
 
 def run_generate_benchmark(config: GenerateBenchConfig, log: Log = print) -> dict[str, Any]:
     threads = config.threads
-    rt = TerraMindRuntime(config.export_dir, threads=threads, backend=runtime_backend(config.backend))
-    timing = TimingBackend(rt.backend)
+    rt = TerraMindRuntime(config.export_dir, threads=threads, backend=runtime_backend(config.backend),
+                          backend_options=runtime_options(config.backend, config.precision, threads))
+    timing = TimingBackend(rt.backend, rt.manifest.decoder_graph)
     rt.backend = timing
     inputs = _inputs(rt, config.batch, config.seed)
     outputs = list(config.outputs)
@@ -152,22 +169,27 @@ def run_generate_benchmark(config: GenerateBenchConfig, log: Log = print) -> dic
             start = time.perf_counter()
             ort_generate()
             end_to_end.append(time.perf_counter() - start)
-            for graph, seconds in timing.seconds.items():
-                per_call = graph.startswith("unet_")
-                stage_samples[_stage_label(graph)].append(seconds / timing.calls[graph] if per_call else seconds)
+            for graph in [g for g in timing.seconds if g.startswith("unet_")]:
+                timing.stage_seconds[_stage_label(graph)] = timing.seconds[graph] / timing.calls[graph]
+            for label, seconds in timing.stage_seconds.items():
+                stage_samples[label].append(seconds)
             for label, seconds in host.items():
                 stage_samples[label].append(seconds)
     calls = dict(timing.calls)
     result: dict[str, Any] = {
         "command": "generate", "export_dir": str(config.export_dir), "outputs": outputs,
         "inputs": list(inputs), "timesteps": config.timesteps, "batch": config.batch, "iters": config.iters,
-        "threads": threads, "backend": config.backend, "machine": machine_info(), "versions": versions(include_torch=config.compare_torch),
+        "threads": threads, "backend": config.backend, "engine": engine_label(config.backend, config.precision),
+        "precision": config.precision, "machine": machine_info(), "versions": versions(include_torch=config.compare_torch),
         "graph_calls_per_generate": calls,
         "ort": {"end_to_end": summarize(end_to_end),
                 "stages": {label: summarize(s) for label, s in stage_samples.items()}},
         "peak_rss_bytes": peak_rss_bytes(),
+        "export_peak_rss_bytes": rt.manifest.data.get("exporter", {}).get("peak_rss_bytes"),
     }
-    if config.backend != "ort-cpu":
+    if hasattr(timing.inner, "describe"):
+        result["openvino"] = timing.inner.describe()
+    if config.backend not in ("ort-cpu", "openvino"):
         result["device"] = _device_section(rt, timing.inner, ort_generate, log)
     sgemm = numpy_sgemm_gflops(threads or 2)
     result["sgemm"] = sgemm
@@ -182,7 +204,7 @@ def run_generate_benchmark(config: GenerateBenchConfig, log: Log = print) -> dic
             result["floor"] = {"flops": flops, "gflops_per_s": rate, "seconds": floor}
             for name, row in result["torch"]["contenders"].items():
                 row["floor_fraction"] = floor / row["p50"]
-            result["ort"]["floor_fraction"] = floor / result["torch"]["contenders"]["onnxruntime"]["p50"]
+            result["ort"]["floor_fraction"] = floor / result["torch"]["contenders"][result["engine"]]["p50"]
     return result
 
 
@@ -210,12 +232,16 @@ def format_generate_report(result: dict[str, Any]) -> str:
         lines.append(f"  {label:<40} {s['p50'] * 1e3:>10.1f} {s['min'] * 1e3:>10.1f} {s['p50'] / total:>6.1%}{count}")
     lines.append(f"  {'end to end':<40} {total * 1e3:>10.1f} {e2e['min'] * 1e3:>10.1f}")
     lines.append(f"  graph calls per generate: {result['graph_calls_per_generate']}")
+    if result.get("peak_rss_bytes"):
+        export_peak = result.get("export_peak_rss_bytes")
+        lines.append(f"  peak RSS: this process {result['peak_rss_bytes'] / 2**30:.2f} GiB"
+                     + (f"; the export's own {export_peak / 2**30:.2f} GiB (manifest)" if export_peak else ""))
     if "device" in result:
         lines.append("\n  per graph on the device, H2D / compute / D2H timed apart (as trtexec):")
         lines += ["  " + line for line in format_breakdown(result["device"])]
     if "torch" in result:
         lines.append(f"\n  {'contender (interleaved)':<40} {'p50 s':>10} {'min s':>10} {'floor %':>8} {'ORT speed-up':>13}")
-        ort_p50 = result["torch"]["contenders"]["onnxruntime"]["p50"]
+        ort_p50 = result["torch"]["contenders"][result.get("engine", "onnxruntime")]["p50"]
         for name, row in result["torch"]["contenders"].items():
             frac = f"{row['floor_fraction']:.0%}" if "floor_fraction" in row else "-"
             lines.append(f"  {name:<40} {row['p50']:>10.2f} {row['min']:>10.2f} {frac:>8} {row['p50'] / ort_p50:>12.2f}x")

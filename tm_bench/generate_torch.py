@@ -12,6 +12,7 @@ import torch
 
 from tm_runtime import TerraMindRuntime
 
+from .machine import cpu_has_bf16
 from .stats import summarize
 from .torch_side import configure_torch, torch_sgemm_gflops
 
@@ -66,7 +67,10 @@ def compare_generate(rt: TerraMindRuntime, inputs: dict[str, np.ndarray], output
             return reference_generate(model, tokenizers, inputs, outputs, np.random.default_rng(config.seed),
                                       timesteps=config.timesteps, temperature=0.0)
 
-    runs: list[tuple[str, Callable[[], object]]] = [("onnxruntime", ort_generate), ("pytorch_reference", ref_generate)]
+    from .device import engine_label
+
+    engine = engine_label(getattr(config, "backend", "ort-cpu"), getattr(config, "precision", None))
+    runs: list[tuple[str, Callable[[], object]]] = [(engine, ort_generate), ("pytorch_reference", ref_generate)]
     upstream = None
     if tokenizer_size != "official":
         notes["terratorch"] = "skipped: shrunken tokenizers have no terratorch counterpart"
@@ -75,10 +79,22 @@ def compare_generate(rt: TerraMindRuntime, inputs: dict[str, np.ndarray], output
             upstream = _terratorch(rt, model, tokenizers, list(inputs), outputs, config.timesteps)
             torch_inputs = {k: torch.from_numpy(v) for k, v in inputs.items()}
 
-            def tt_generate():
-                with torch.inference_mode():
-                    return upstream(dict(torch_inputs), timesteps=config.timesteps)
+            def tt_generate(precision: str = "highest", bf16: bool = False):
+                before = torch.get_float32_matmul_precision()
+                torch.set_float32_matmul_precision(precision)
+                try:
+                    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                        return upstream(dict(torch_inputs), timesteps=config.timesteps)
+                finally:
+                    torch.set_float32_matmul_precision(before)
 
+            # As a user gets it ("medium", what `import terratorch` sets), in fp32, and where the CPU
+            # has bf16 under autocast; terratorch_eager (fp32) is counted for the FLOPs.
+            runs.append(("terratorch_as_imported", lambda: tt_generate("medium")))
+            if cpu_has_bf16():
+                runs.append(("terratorch_autocast_bf16", lambda: tt_generate("highest", bf16=True)))
+            else:
+                notes["terratorch_autocast_bf16"] = "skipped: this CPU has no AVX512_BF16 / AMX-BF16"
             runs.append(("terratorch_eager", tt_generate))
         except ImportError:
             notes["terratorch"] = "not installed"

@@ -25,6 +25,29 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# CPU flags that decide which reduced-precision paths exist (lscpu / /proc/cpuinfo names).
+RELEVANT_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16",
+                  "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_flags() -> dict[str, bool]:
+    """Which of ``RELEVANT_FLAGS`` the CPU has (empty when /proc/cpuinfo is not there)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                present = set(line.split(":", 1)[1].split())
+                return {f: f in present for f in RELEVANT_FLAGS}
+    except OSError:
+        pass
+    return {}
+
+
+def cpu_has_bf16() -> bool:
+    """Native bf16 matmuls: AVX512_BF16 or AMX-BF16 (torch's oneDNN and OpenVINO use either)."""
+    flags = cpu_flags()
+    return bool(flags.get("avx512_bf16") or flags.get("amx_bf16"))
+
+
 def usable_cores() -> int:
     """Cores this process may run on (cgroup/affinity aware where the OS tells us)."""
     try:
@@ -60,7 +83,7 @@ def versions(include_torch: bool = False) -> dict[str, str | None]:
 
 def machine_info() -> dict[str, object]:
     info: dict[str, object] = {
-        "cpu_model": cpu_model(), "usable_cores": usable_cores(), "logical_cpus": os.cpu_count(),
+        "cpu_model": cpu_model(), "cpu_flags": cpu_flags(), "usable_cores": usable_cores(), "logical_cpus": os.cpu_count(),
         "platform": platform.platform(), "hostname": platform.node(),
     }
     try:

@@ -14,10 +14,16 @@ def _ms(seconds: float) -> str:
 
 
 def _label(row: dict[str, Any]) -> str:
-    if row["engine"] == "onnxruntime":
+    if row["engine"] == "onnxruntime" or row.get("runtime"):
         suffix = " (interleaved)" if row["phase"] == "interleaved" else ""
-        return f"ORT {row['name']}{suffix}"
+        engine = "ORT" if row["engine"] == "onnxruntime" else row["engine"]
+        return f"{engine} {row['name']}{suffix}"
     return f"{row['engine']} embed"
+
+
+def _engine(result: dict[str, Any]) -> str:
+    engine = result.get("settings", {}).get("engine", "onnxruntime")
+    return "ORT" if engine == "onnxruntime" else engine
 
 
 def _table(rows: list[tuple[str, ...]]) -> str:
@@ -36,12 +42,19 @@ def format_report(result: dict[str, Any]) -> str:
     m, s, e = result["machine"], result["settings"], result["export"]
     gemm = result["gemm"]
     out.append(f"machine: {m['cpu_model']}, {m['usable_cores']} usable cores, load {m.get('loadavg_1_5_15')}")
+    if m.get("cpu_flags"):
+        out.append("cpu flags: " + " ".join(f if on else f"-{f}" for f, on in m["cpu_flags"].items()))
     out.append("versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items() if v))
     out.append(f"export: {e['dir']} ({e['model']['name']}, {'+'.join(e['modalities'])}, "
                f"{e['model']['image_size']}px, weights {e['weights'].get('source')}, graphs "
                + ", ".join(f"{g}={v}" for g, v in e.get("graph_variants", {}).items()) + ")")
     if s.get("backend", "ort-cpu") != "ort-cpu":
         out.append(f"backend: {s['backend']}")
+    if "openvino" in s:
+        ov = s["openvino"]
+        out.append(f"openvino {ov['openvino']}: {ov['device']} ({ov['full_device_name']}), precision {ov['precision']} "
+                   f"(fp32 graphs: {', '.join(ov['fp32_graphs']) or 'none'}), capabilities "
+                   f"{', '.join(ov['optimization_capabilities'])}")
     out.append(f"threads {s['threads']} (ORT intra-op{', torch' if s['compare_torch'] else ''}, BLAS), "
                f"warm-up {s['warmup']}, iterations {s['iters']}; ORT allow_spinning {s['ort'].get('allow_spinning')}, "
                f"{s['ort'].get('graph_optimization_level')}")
@@ -54,7 +67,9 @@ def format_report(result: dict[str, Any]) -> str:
     mem = result["memory"]
     out.append(f"peak RSS: ORT phase {mem['peak_rss_ort_bytes'] / 2**20:.0f} MiB"
                + (f", torch phase {mem['peak_rss_with_torch_bytes'] / 2**20:.0f} MiB"
-                  if mem.get("peak_rss_with_torch_bytes") else ""))
+                  if mem.get("peak_rss_with_torch_bytes") else "")
+               + (f"; the export's own peak RSS {mem['export_peak_rss_bytes'] / 2**20:.0f} MiB (manifest)"
+                  if mem.get("export_peak_rss_bytes") else ""))
     for run in result["runs"]:
         flops = run["flops"]
         counted = (f", FlopCounterMode on {flops['flop_counter_model']}: {flops['flop_counter'] / 1e9:.2f}"
@@ -73,9 +88,15 @@ def format_report(result: dict[str, Any]) -> str:
         out.append(_table(rows))
         for name, ratio in run.get("speedup_of_ort", {}).items():
             diff = run["max_abs_diff_vs_ort"][name]
-            out.append(f"ORT speed-up vs {name}: {ratio['median_ratio']:.2f}x (median/median), "
+            acc = run.get("accuracy_vs_terratorch_fp32", {}).get(name)
+            cos = f"; token cosine vs terratorch fp32 min {acc['token_cosine_min']:.6f}" if acc else ""
+            out.append(f"{_engine(result)} speed-up vs {name}: {ratio['median_ratio']:.2f}x (median/median), "
                        f"{ratio['paired_median_ratio']:.2f}x (median of paired ratios); "
-                       f"max |diff| {diff['max_abs']:.1e} (rel {diff['max_rel']:.1e})")
+                       f"max |diff| {diff['max_abs']:.1e} (rel {diff['max_rel']:.1e}){cos}")
+        own = run.get("accuracy_vs_terratorch_fp32", {}).get(result["settings"].get("engine", "onnxruntime"))
+        if own:
+            out.append(f"{_engine(result)} token cosine vs terratorch fp32: min {own['token_cosine_min']:.6f}, "
+                       f"mean {own['token_cosine_mean']:.6f}")
     out.append("")
     out.append("floor % = floor time (at the fastest sgemm rate) / median; vs ORT GEMM % = the same at ONNX "
                "Runtime's own MatMul rate; img/s = batch / median")
@@ -109,6 +130,6 @@ def format_markdown(result: dict[str, Any]) -> str:
                      f"{100 * r['floor_fraction_by_rate'].get('onnxruntime', float('nan')):.0f}%")
             out.append("| " + " | ".join(cells) + " |")
         for name, ratio in run.get("speedup_of_ort", {}).items():
-            out.append(f"\nORT vs {name}: **{ratio['median_ratio']:.2f}x** (median / median), "
+            out.append(f"\n{_engine(result)} vs {name}: **{ratio['median_ratio']:.2f}x** (median / median), "
                        f"{ratio['paired_median_ratio']:.2f}x (median of paired per-iteration ratios)")
     return "\n".join(out)

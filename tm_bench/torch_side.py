@@ -18,7 +18,10 @@ import torch
 from tm_runtime.manifest import Manifest, sha256_file
 from tm_runtime.modalities import get_modality
 
-from .machine import matmul_rates
+from .machine import cpu_has_bf16, matmul_rates
+
+# The contender the accuracy figures are measured against: upstream in full fp32.
+FP32_REFERENCE = "terratorch_eager"
 
 
 @dataclass
@@ -108,10 +111,34 @@ def _merge_mean_last(layers: list[torch.Tensor], num_modalities: int) -> torch.T
     return last.reshape(batch, num_modalities, tokens // num_modalities, dim).mean(dim=1)
 
 
+def _with_precision(run: Callable[[dict[str, np.ndarray]], np.ndarray], precision: str,
+                    autocast_bf16: bool = False) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+    """``run`` under a given float32 matmul precision (and optionally CPU autocast to bf16); the
+    global setting is put back afterwards, so contenders can be interleaved."""
+
+    def wrapped(inputs: dict[str, np.ndarray]) -> np.ndarray:
+        before = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision(precision)
+        try:
+            if autocast_bf16:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    return np.asarray(run(inputs), dtype=np.float32)
+            return run(inputs)
+        finally:
+            torch.set_float32_matmul_precision(before)
+
+    return wrapped
+
+
 def make_contenders(manifest: Manifest, ckpt: Path | None, threads: int,
                     log: Callable[[str], None]) -> tuple[list[Contender], dict[str, Any]]:
-    """The reference (always) and terratorch eager (when importable), on the same weights."""
+    """The reference (always) and terratorch (when importable), on the same weights: in fp32
+    ("highest"), as a user gets it after ``import terratorch`` (which sets "medium": bf16 matmuls
+    where the CPU has them) and, where the CPU has bf16, under torch.autocast(bfloat16)."""
+    import sys
+
     info: dict[str, Any] = {}
+    fresh_import = "terratorch" not in sys.modules
     reference, notes = build_reference(manifest, ckpt)
 
     def run_reference(inputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -129,9 +156,24 @@ def make_contenders(manifest: Manifest, ckpt: Path | None, threads: int,
 
         def run_terratorch(inputs: dict[str, np.ndarray]) -> np.ndarray:
             with torch.inference_mode():
-                return upstream({name: torch.from_numpy(a) for name, a in inputs.items()})[-1].numpy()
+                return upstream({name: torch.from_numpy(a) for name, a in inputs.items()})[-1].float().numpy()
 
-        contenders.append(Contender("terratorch_eager", run_terratorch, upstream, tt_notes))
+        # What `import terratorch` leaves behind (its clay_v15 module sets "medium"): observed when
+        # this call imported it, else (imported earlier in this process) the documented "medium".
+        as_imported = torch.get_float32_matmul_precision() if fresh_import else "medium"
+        info["matmul_precision_after_import"] = as_imported
+        info["matmul_precision_after_import_observed"] = fresh_import
+        contenders.append(Contender("terratorch_as_imported", _with_precision(run_terratorch, as_imported), upstream,
+                                    {**tt_notes, "matmul_precision": as_imported,
+                                     "bf16_hardware": cpu_has_bf16()}))
+        contenders.append(Contender(FP32_REFERENCE, _with_precision(run_terratorch, "highest"), upstream,
+                                    {**tt_notes, "matmul_precision": "highest"}))
+        if cpu_has_bf16():
+            contenders.append(Contender("terratorch_autocast_bf16",
+                                        _with_precision(run_terratorch, "highest", autocast_bf16=True), upstream,
+                                        {**tt_notes, "autocast": "torch.autocast('cpu', dtype=torch.bfloat16)"}))
+        else:
+            info["terratorch_autocast_bf16"] = "skipped: this CPU has no AVX512_BF16 / AMX-BF16"
     # After terratorch's import: put fp32 matmul precision and the thread count back.
     info["torch_settings"] = configure_torch(threads)
     return contenders, info

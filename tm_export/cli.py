@@ -5,12 +5,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from tm_runtime.modalities import INPUT_MODALITIES
+from tm_runtime.modalities import INPUT_MODALITIES, TARGETS
 
-from .bands import parse_bands
-from .export import ExportConfig, ExportError, export
-from .reference.terramind import VARIANTS
-from .weights import WeightsError
+# What `pip install 'tm-deploy[export]'` adds to the runtime-only install (see pyproject.toml).
+EXPORT_MODULES = ("torch", "onnx", "onnxslim", "huggingface_hub", "safetensors", "tokenizers", "yaml")
+MODEL_SIZES = ("tiny", "small", "base", "large")  # tm_export.reference.terramind.VARIANTS
 
 
 def parse_paths(items: list[str]) -> dict[str, Path]:
@@ -29,12 +28,20 @@ def parse_paths(items: list[str]) -> dict[str, Path]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tm-export", description=__doc__)
-    p.add_argument("--model", required=True, choices=list(VARIANTS), help="TerraMind v1 size")
-    p.add_argument("--modalities", required=True, nargs="+", metavar="MOD",
+    p.add_argument("--task-config", type=Path, metavar="CONFIG.yaml",
+                   help="a fine-tuned model: the terratorch config it was trained with (terratorch fit -c CONFIG); "
+                        "--ckpt is then the checkpoint terratorch fit wrote. Replaces --model/--modalities/--bands")
+    p.add_argument("--model", choices=list(MODEL_SIZES), help="TerraMind v1 size")
+    p.add_argument("--modalities", nargs="+", metavar="MOD",
                    help=f"input modalities to export ({', '.join(INPUT_MODALITIES)}, coords; LULC and NDVI go "
                         "through their tokenizer, coords through the coords tokenizer file)")
     p.add_argument("--output-modalities", nargs="+", default=[], metavar="MOD",
-                   help="generation targets: decoder graphs for S2L2A S1GRD S1RTC DEM NDVI LULC coords")
+                   help=f"generation targets ({' '.join(TARGETS)} coords): each adds its decoder query and head "
+                        "graphs and its tokenizer graphs; the decoder itself is stored once")
+    p.add_argument("--tim-modalities", nargs="+", default=[], metavar="MOD",
+                   help="a Thinking-in-Modalities backbone (terramind_v1_<size>_tim): embed first generates these "
+                        "modalities' tokens (e.g. LULC) and encodes them with the inputs; exports their decoders, "
+                        "not their tokenizers")
     p.add_argument("--tokenizer-ckpt", nargs="+", default=[], metavar="MOD=PATH",
                    help="tokenizer weights (TerraMind_Tokenizer_<MOD>.pt) per output modality, and coords=PATH "
                         "for the coords tokenizer's config.json; default: the HF hub")
@@ -42,16 +49,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --random-init: shrunken tokenizer architectures (fast tests and demos)")
     p.add_argument("--out", required=True, type=Path, help="export directory (written atomically)")
     w = p.add_mutually_exclusive_group()
-    w.add_argument("--ckpt", type=Path, help="TerraMind_v1_<size>.pt (or .safetensors); default: the HF hub")
+    w.add_argument("--ckpt", type=Path, help="TerraMind_v1_<size>.pt (or .safetensors); default: the HF hub. "
+                   "With --tim-modalities also a TiM backbone's state_dict (its own sampler.model.* weights); with "
+                   "--task-config the fine-tuned checkpoint (.ckpt or a state_dict)")
     w.add_argument("--random-init", action="store_true", help="random weights, for tests and benchmarks")
     p.add_argument("--seed", type=int, default=0, help="seed for --random-init")
     p.add_argument("--bands", nargs="+", default=[], metavar="MOD=B1,B2",
                    help="band subsets, e.g. S2L2A=BLUE,GREEN,RED,NIR_NARROW,SWIR_1,SWIR_2")
     p.add_argument("--image-size", type=int, default=224, help="input size in pixels (positions resized bicubically)")
     p.add_argument("--opset", type=int, default=17)
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "bf16"],
                    help="fp16: fp16 weights and math, fp32 for norms/softmax and the tokenizer encoders; "
-                        "float32 inputs/outputs (bf16: not supported yet)")
+                        "float32 inputs/outputs. int8: int8 MatMul/Gemm/Conv in the encoder, decoders and UNets "
+                        "for ONNX Runtime, calibrated and accuracy-gated on --calibration-data (bf16: run fp32 "
+                        "graphs on OpenVINO with precision bf16 instead)")
+    p.add_argument("--calibration-data", type=Path, default=None, metavar="DIR",
+                   help="--precision int8: tiles as DIR/<MODALITY>/*.tif (e.g. the TerraMesh examples) to "
+                        "calibrate on and, without --gate-data, to gate on")
+    p.add_argument("--gate-data", type=Path, default=None, metavar="DIR",
+                   help="--precision int8: tiles for the accuracy gates (default: --calibration-data)")
+    p.add_argument("--int8-method", choices=["dynamic", "static"], default="dynamic",
+                   help="dynamic: activation ranges per call (default); static: QDQ with activation ranges "
+                        "calibrated on --calibration-data")
+    p.add_argument("--int8-graphs", nargs="+", choices=["encoder", "decoders", "unet"],
+                   default=["encoder", "decoders", "unet"],
+                   help="which graphs --precision int8 quantises (default: all three; the rest stay fp32)")
     p.add_argument("--winograd", type=int, nargs="?", const=4, default=0, choices=[2, 4], metavar="M",
                    help="trace the tokenizer UNets' 3x3 convolutions as Winograd F(MxM,3x3) (default M=4): "
                         "~1.4x faster UNet steps on ONNX Runtime CPU, ~4x larger UNet files; fp32 only, "
@@ -64,8 +86,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.task_config is None and (args.model is None or not args.modalities):
+        parser.error("--model and --modalities are required (or --task-config for a fine-tuned model)")
     try:
+        from .bands import parse_bands
+        from .export import ExportConfig, ExportError, export
+        from .tim import TimSettings
+        from .task.checkpoint import CheckpointError
+        from .weights import WeightsError
+    except ModuleNotFoundError as exc:  # a runtime-only install: no torch, onnx, ...
+        if (exc.name or "").split(".")[0] not in EXPORT_MODULES:
+            raise
+        print(f"tm-export: error: the exporter needs the export extras (no module named {exc.name!r}): "
+              "pip install 'tm-deploy[export]'", file=sys.stderr)
+        return 1
+    try:
+        if args.task_config is not None:
+            from .task.cli import run_task_export
+
+            run_task_export(args)
+            return 0
         config = ExportConfig(
             size=args.model, modalities=args.modalities, out=args.out, output_modalities=args.output_modalities,
             tokenizer_ckpts=parse_paths(args.tokenizer_ckpt),
@@ -73,10 +115,12 @@ def main(argv: list[str] | None = None) -> int:
             random_init=args.random_init, seed=args.seed, bands=parse_bands(args.bands),
             image_size=args.image_size, opset=args.opset, simplify=not args.no_simplify,
             validate=not args.no_validate, max_rel_error=args.rtol, overwrite=args.overwrite,
-            precision=args.precision, winograd=args.winograd,
+            precision=args.precision, winograd=args.winograd, calibration_data=args.calibration_data,
+            gate_data=args.gate_data, int8_method=args.int8_method, int8_graphs=args.int8_graphs,
+            tim=TimSettings(tuple(args.tim_modalities)) if args.tim_modalities else None,
         )
         export(config, log=lambda s: print(s, flush=True))
-    except (ExportError, WeightsError, ValueError) as exc:
+    except (ExportError, WeightsError, ValueError, CheckpointError) as exc:
         print(f"tm-export: error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -17,16 +18,18 @@ from pathlib import Path
 import onnx
 import torch
 
-from tm_runtime.coords import COORDS_TOKENIZER_FILE, CoordsTokenizer
+from tm_runtime.coords import COORDS_TOKENIZER_FILE, MASKED_BIAS, CoordsTokenizer
 from tm_runtime.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, sha256_file
 from tm_runtime.modalities import COORDS, get_modality, get_target, is_coords
 
+from . import tim
 from . import weights as W
 from .bands import select_bands
-from .graphs import GraphSpec, all_specs
+from .graphs import DECODER_GRAPH, GraphSpec, all_specs, head_graph_name, query_graph_name
 from .precision import FP16_MAX_REL_ERROR, check_precision, to_fp16
 from .reference.terramind import TerraMindModel, get_variant
 from .reference.tokenizers import Tokenizer, build_tokenizer, load_tokenizer, tokenizer_config
+from .tim import TimSettings
 from .tokenizer_graphs import tokenizer_specs
 from .validate import summarize, validate_graph
 from .winograd import TILE_SIZES
@@ -71,6 +74,12 @@ class ExportConfig:
     max_rel_error: float | None = None  # overrides every graph's fp32 tolerance
     overwrite: bool = False
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
+    tim: TimSettings | None = None  # a TiM backbone (terramind_v1_<size>_tim): see tim.py
+    # --precision int8 (see quantize.py): calibration tiles, gate tiles (default: the same), method
+    calibration_data: Path | None = None
+    gate_data: Path | None = None
+    int8_method: str = "dynamic"
+    int8_graphs: list[str] = field(default_factory=lambda: ["encoder", "decoders", "unet"])
 
 
 def _versions() -> dict[str, str]:
@@ -92,6 +101,18 @@ def _versions() -> dict[str, str]:
 
 def build_reference(config: ExportConfig, log: Callable[[str], None] = print) -> tuple[TerraMindModel, dict]:
     """The reference model with its weights, and the manifest's description of where they came from."""
+    model, _, info = build_models(config, log)
+    return model, info
+
+
+def build_models(config: ExportConfig, log: Callable[[str], None] = print,
+                 state: dict | None = None) -> tuple[TerraMindModel, TerraMindModel | None, dict]:
+    """The reference model, a TiM backbone's separate generation model (None when the weights are
+    shared, see tim.py), and the manifest's description of where the weights came from.
+
+    ``state``: weights already in memory (e.g. the backbone part of a fine-tuned task model; a TiM
+    backbone's keys may keep their prefix, see ``tim.split_tim_state``) instead of ``config.ckpt``.
+    """
     variant = get_variant(config.size)
     if config.image_size % 16 or config.image_size < 16:
         raise ExportError(f"--image-size must be a positive multiple of 16, got {config.image_size}")
@@ -101,17 +122,24 @@ def build_reference(config: ExportConfig, log: Callable[[str], None] = print) ->
     targets = [COORDS.name if is_coords(t) else get_target(t).name for t in config.output_modalities]
     if len(set(targets)) != len(targets):
         raise ExportError(f"an output modality is listed twice: {config.output_modalities}")
-    state = path = None
-    if not config.random_init:
+    tim_feed = list(config.tim.modalities) if config.tim else []  # the embedding encoder reads their tokens
+    if config.tim:
+        tim.check_tim_inputs(config.tim, config.modalities, config.bands)
+    path = generation_state = None
+    if state is not None:
+        state, generation_state = tim.checkpoint_states(state, config.tim, targets, "the given state_dict")
+    elif not config.random_init:
         path = Path(config.ckpt) if config.ckpt else W.hub_checkpoint(config.size)
         log(f"weights: {path}")
-        state = W.read_state_dict(path)
+        state, generation_state = tim.checkpoint_states(W.read_state_dict(path), config.tim, targets, str(path))
+    targets += [t for t in tim_feed if t not in targets]  # TiM modalities: their decoders, no tokenizers
     # Generated outputs condition later ones through their encoder token embedding; the official
     # checkpoints have one for every target (a checkpoint without it can still generate, unchained).
     def key(t: str) -> str:
         return COORDS.key if t == COORDS.name else get_target(t).key
 
-    conditioning = [t for t in targets if state is None or f"encoder_embeddings.{key(t)}.token_emb.weight" in state]
+    conditioning = [t for t in targets if t in tim_feed or state is None
+                    or f"encoder_embeddings.{key(t)}.token_emb.weight" in state]
     for t in sorted(set(targets) - set(conditioning)):
         log(f"note: the checkpoint has no encoder token embedding for {t}: it cannot condition other outputs")
     # Tokenised inputs (LULC, NDVI) enter the encoder through the same token embeddings; coords
@@ -120,7 +148,15 @@ def build_reference(config: ExportConfig, log: Callable[[str], None] = print) ->
     tokenized = [n for n in names if n != COORDS.name and get_modality(n).tokenized]
     conditioning += [n for n in tokenized if n not in conditioning]
     model = TerraMindModel(variant, raw, targets, image_size=config.image_size, conditioning=conditioning)
-    if config.random_init:
+    generation = None
+    if generation_state is not None:  # a TiM backbone's frozen enc-dec: its encoder side
+        feed = (list(config.tim.modalities) if config.tim.chained else []) + tokenized
+        generation = TerraMindModel(variant, raw, image_size=config.image_size, conditioning=feed).eval()
+        W.load_needed(generation, generation_state, f"{path or 'state_dict'} (TiM generation model, sampler.model.*)")
+    if state is not None and path is None:
+        W.load_needed(model, state, "the given state_dict")
+        info = {"random_init": False, "source": "state_dict"}  # the caller describes where it came from
+    elif config.random_init:
         W.randomize(model, config.seed)
         info = {"random_init": True, "seed": config.seed, "source": "random-init"}
         log(f"WARNING: RANDOM WEIGHTS (--random-init --seed {config.seed}): outputs are meaningless; "
@@ -135,7 +171,7 @@ def build_reference(config: ExportConfig, log: Callable[[str], None] = print) ->
         if name not in raw:
             raise ExportError(f"--bands names {name}, which is not among --modalities {' '.join(names)}")
         select_bands(model.embedding(name), get_modality(name).bands, chosen)
-    return model.eval(), info
+    return model.eval(), generation, info
 
 
 def coords_tokenizer_path(config: ExportConfig, log: Callable[[str], None] = print) -> tuple[Path, dict]:
@@ -275,7 +311,7 @@ def export_graph(spec: GraphSpec, workdir: Path, config: ExportConfig, log: Call
         except Exception as exc:  # onnxslim fails on some big graphs; the traced graph is still valid
             log(f"  {spec.name}: simplification failed ({exc}); keeping the traced graph")
     check_dims(spec, model)
-    precision = config.precision if spec.allow_reduced_precision else "fp32"
+    precision = config.precision if spec.allow_reduced_precision and config.precision != "int8" else "fp32"
     if precision == "fp16":
         model = to_fp16(model)
     path = workdir / spec.file
@@ -308,8 +344,26 @@ def export_graph(spec: GraphSpec, workdir: Path, config: ExportConfig, log: Call
     return entry
 
 
+def _resources(started: float | None) -> dict:
+    """What the export cost so far: wall time and the exporting process's peak RSS (``tm-bench``
+    reports them with the runtime's; the peak is the process's, so it includes whatever ran
+    before ``export`` in the same process)."""
+    out = {}
+    if started is not None:
+        out["seconds"] = round(time.perf_counter() - started, 1)
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out["peak_rss_bytes"] = int(peak if sys.platform == "darwin" else peak * 1024)  # macOS: bytes, Linux: KiB
+    except (ImportError, OSError):  # not on Windows
+        pass
+    return out
+
+
 def _manifest(config: ExportConfig, model: TerraMindModel, weights: dict, graphs: dict,
-              tokenizers: dict[str, Tokenizer] | None = None, files: dict | None = None) -> dict:
+              tokenizers: dict[str, Tokenizer] | None = None, files: dict | None = None,
+              started: float | None = None) -> dict:
     variant = model.variant
     modalities = {}
     for name in (get_modality(m).name for m in config.modalities if not is_coords(m)):
@@ -325,7 +379,8 @@ def _manifest(config: ExportConfig, model: TerraMindModel, weights: dict, graphs
     for name in model.targets:
         t = get_target(name)
         tok_cfg = tokenizers[name].config if tokenizers and name in tokenizers else None
-        targets[name] = {"key": t.key, "graph": f"decoder_{name}", "vocab_size": t.vocab_size,
+        targets[name] = {"key": t.key, "query_graph": query_graph_name(name), "head_graph": head_graph_name(name),
+                         "vocab_size": t.vocab_size,
                          "fsq_levels": list(t.fsq_levels), "tokenizer_decoder": t.decoder,
                          "channels": t.num_channels, "mean": list(t.mean), "std": list(t.std),
                          "tokenize_graph": f"tokenize_{name}",
@@ -338,7 +393,9 @@ def _manifest(config: ExportConfig, model: TerraMindModel, weights: dict, graphs
     if model.coords_input or model.coords_target:
         coords = {"key": COORDS.key, "input": model.coords_input, "output": model.coords_target,
                   "embed_graph": "embed_coords" if model.coords_conditioning else None,
-                  "decoder_graph": "decoder_coords" if model.coords_target else None,
+                  "query_graph": query_graph_name(COORDS.name) if model.coords_target else None,
+                  "head_graph": head_graph_name(COORDS.name) if model.coords_target else None,
+                  "masked_bias": MASKED_BIAS,
                   "tokenizer_file": COORDS_TOKENIZER_FILE, "vocab_size": COORDS.vocab_size,
                   "max_length": COORDS.max_length, "eos_id": COORDS.eos_id, "start_id": COORDS.start_id,
                   "end_id": COORDS.end_id, "grid_degrees": COORDS.grid_degrees,
@@ -363,10 +420,13 @@ def _manifest(config: ExportConfig, model: TerraMindModel, weights: dict, graphs
                       "clip_sample_range": 1.0, "eta": 0.0, "set_alpha_to_one": True},
         "encoder": {"graph": "encoder", "outputs": [o["name"] for o in graphs["encoder"]["outputs"]],
                     "last_output_normed": True},
+        # One decoder transformer for every output: target -> its query graph -> decoder -> its head graph.
+        "decoder": {"graph": DECODER_GRAPH} if DECODER_GRAPH in graphs else None,
         "graphs": graphs,
         "validation": ({"run": True, "provider": "CPUExecutionProvider", "batches": [1, 3],
                         "passed": all(v["passed"] for v in validated)} if config.validate else {"run": False}),
-        "exporter": {**_versions(), "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+        "exporter": {**_versions(), "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                     **_resources(started)},
     }
 
 
@@ -376,15 +436,19 @@ def export(config: ExportConfig, log: Callable[[str], None] = print) -> dict:
     if out.exists() and not config.overwrite:
         raise ExportError(f"{out} already exists; pass --overwrite to replace it")
     check_precision(config.precision)
+    if config.precision == "int8":
+        from .quantize import check_int8_config
+        check_int8_config(config)
     if config.winograd not in (0,) + TILE_SIZES:
         raise ExportError(f"--winograd tile must be one of {TILE_SIZES}, got {config.winograd}")
     if config.winograd and config.precision != "fp32":
         raise ExportError("--winograd is for fp32 graphs on ONNX Runtime CPU; fp16 Winograd loses too much "
                           "precision (and GPU runtimes choose Winograd kernels themselves)")
     start = time.perf_counter()
-    model, weights = build_reference(config, log)
+    model, generation, weights = build_models(config, log)
     tokenized = [get_modality(m).name for m in config.modalities if not is_coords(m) and get_modality(m).tokenized]
-    needed = list(model.targets) + [n for n in tokenized if n not in model.targets]
+    outputs = tim.output_names(config.output_modalities)  # TiM modalities need no tokenizer decoder
+    needed = [t for t in model.targets if t in outputs] + [n for n in tokenized if n not in outputs]
     if COORDS.name in config.tokenizer_ckpts and not (model.coords_input or model.coords_target):
         raise ExportError("--tokenizer-ckpt names coords, which is neither in --modalities nor in --output-modalities")
     if model.coords_input or model.coords_target:
@@ -397,9 +461,30 @@ def export(config: ExportConfig, log: Callable[[str], None] = print) -> dict:
     tokenizers, weights["tokenizers"] = build_tokenizers(config, needed, log)
     if COORDS.name in needed:
         weights["tokenizers"][COORDS.name] = coords_info
-    specs = all_specs(model) + [s for name, tok in tokenizers.items()
-                                for s in tokenizer_specs(name, tok, decoder=name in model.targets,
-                                                         winograd=config.winograd)]
+    tim_specs, tim_renames = tim.generation_specs(model, generation)
+    specs = all_specs(model) + tim_specs + [s for name, tok in tokenizers.items()
+                                            for s in tokenizer_specs(name, tok, decoder=name in outputs,
+                                                                     winograd=config.winograd)]
+    copies = {"coords_tokenizer": (coords_file, COORDS_TOKENIZER_FILE)} if COORDS.name in needed else {}
+
+    def make_manifest(graphs: dict, files: dict) -> dict:
+        manifest = _manifest(config, model, weights, graphs, tokenizers, files, started=start)
+        if config.tim:
+            manifest["tim"] = tim.tim_manifest(config.tim, tim_renames, generation is not None)
+            tim.mark_tim_only_targets(manifest["targets"], config.tim, outputs, graphs)
+        return manifest
+
+    manifest = write_export(out, specs, config, make_manifest, log, copies)
+    log(f"wrote {len(specs)} graphs to {out} in {time.perf_counter() - start:.1f}s")
+    return manifest
+
+
+def write_export(out: Path, specs: list[GraphSpec], config: ExportConfig,
+                 make_manifest: Callable[[dict, dict], dict], log: Callable[[str], None] = print,
+                 copies: dict[str, tuple[Path, str]] | None = None) -> dict:
+    """Export ``specs`` into a temporary directory beside ``out``, copy ``copies`` ({key: (source,
+    file name)}) into it, write ``make_manifest(graphs, files)``, and rename it to ``out`` only if
+    every graph validated: nothing half-written is ever left at ``out``. Returns the manifest."""
     out.parent.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
@@ -408,20 +493,22 @@ def export(config: ExportConfig, log: Callable[[str], None] = print) -> dict:
             log(f"[{i}/{len(specs)}] {spec.name}")
             graphs[spec.name] = export_graph(spec, workdir, config, log)
         files = {}
-        if COORDS.name in needed:
-            shutil.copyfile(coords_file, workdir / COORDS_TOKENIZER_FILE)
-            files["coords_tokenizer"] = {"file": COORDS_TOKENIZER_FILE,
-                                         "sha256": sha256_file(workdir / COORDS_TOKENIZER_FILE)}
-        manifest = _manifest(config, model, weights, graphs, tokenizers, files)
+        for key, (source, name) in (copies or {}).items():
+            shutil.copyfile(source, workdir / name)
+            files[key] = {"file": name, "sha256": sha256_file(workdir / name)}
+        manifest = make_manifest(graphs, files)
         (workdir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
         failed = [n for n, g in graphs.items() if not g.get("validation", {"passed": True})["passed"]]
         if failed:
             raise ValidationFailed(f"graph(s) over tolerance: {', '.join(failed)}; nothing written to {out}")
+        if config.precision == "int8":  # quantise the validated fp32 graphs, then gate them
+            from .quantize import quantize_export
+            manifest = quantize_export(workdir, config.calibration_data, config.gate_data, config.int8_method,
+                                       seed=config.seed, families=config.int8_graphs, log=log)
         _replace(workdir, out)
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
-    log(f"wrote {len(specs)} graphs to {out} in {time.perf_counter() - start:.1f}s")
     return manifest
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from tm_runtime.coords import causal_bias
 from tm_runtime.modalities import COORDS
 
 from .reference.terramind import TerraMindModel
@@ -16,6 +17,7 @@ from .reference.terramind import TerraMindModel
 BATCH = "batch"
 NUM_TOKENS = "num_tokens"
 SEQ_LEN = "seq_len"
+NUM_QUERIES = "num_queries"
 
 
 @dataclass(frozen=True)
@@ -73,19 +75,44 @@ class PatchEmbedGraph(nn.Module):
 
 
 class DecoderGraph(nn.Module):
-    """(normed last encoder layer, inputs' pos + modality embeddings) -> one target's logits.
+    """The decoder transformer, shared by every output modality: (normed last encoder layer, the
+    inputs' pos + modality embeddings, a target's queries, a self-attention bias) -> normed hidden
+    states. The context projection lives here (not in the encoder graph) so that an embedding-only
+    user never pays for it."""
 
-    The context projection lives here (not in the encoder graph) so that an embedding-only
-    user never pays for it; it is a single D x D Linear per decoder graph.
-    """
+    def __init__(self, model: TerraMindModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, encoder_output: torch.Tensor, context_emb: torch.Tensor, queries: torch.Tensor,
+                self_bias: torch.Tensor) -> torch.Tensor:
+        return self.model.decoder_hidden(encoder_output, context_emb, queries, self_bias)
+
+
+class TargetQueryGraph(nn.Module):
+    """positions (L,) -> an image target's decoder queries (1, L, D): mask token + pos + modality
+    embedding, one constant row per position (a table lookup)."""
 
     def __init__(self, model: TerraMindModel, target: str) -> None:
         super().__init__()
         self.model = model
         self.target = target
 
-    def forward(self, encoder_output: torch.Tensor, context_emb: torch.Tensor) -> torch.Tensor:
-        return self.model.target_logits(encoder_output, context_emb, self.target)
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        table = self.model.target_queries(self.target)[0]
+        return table.index_select(0, positions).unsqueeze(0)
+
+
+class TargetHeadGraph(nn.Module):
+    """Normed decoder hidden states (B, L, D) -> an image target's logits (B, L, V)."""
+
+    def __init__(self, model: TerraMindModel, target: str) -> None:
+        super().__init__()
+        self.model = model
+        self.target = target
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.target_head(hidden, self.target)
 
 
 class EncoderGraph(nn.Module):
@@ -170,30 +197,69 @@ def token_embedding_specs(model: TerraMindModel) -> list[GraphSpec]:
     return specs
 
 
-def decoder_graph_name(target: str) -> str:
-    return f"decoder_{target}"
+DECODER_GRAPH = "decoder"
+
+
+def query_graph_name(target: str) -> str:
+    return f"decoder_query_{target}"
+
+
+def head_graph_name(target: str) -> str:
+    return f"decoder_head_{target}"
+
+
+def decoder_spec(model: TerraMindModel) -> GraphSpec:
+    """The one decoder graph of an export with outputs; its length ``num_queries`` is symbolic
+    (an image target's tokens, or a coords sequence so far)."""
+    dim = model.variant.dim
+    tokens = model.grid ** 2
+    num_modalities = max(len(model.names), 1)
+
+    def sample(batch: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+        n = tokens * num_modalities + 3  # image tokens and a coords input's three
+        length = 5 + batch  # a length of its own per batch, none equal to another dim
+        return (torch.randn(batch, n, dim, generator=gen), torch.randn(1, n, dim, generator=gen),
+                torch.randn(batch, length, dim, generator=gen), torch.from_numpy(causal_bias(length)))
+
+    return GraphSpec(
+        name=DECODER_GRAPH, module=DecoderGraph(model),
+        inputs=[TensorDecl("encoder_output", "float32", (BATCH, NUM_TOKENS, dim)),
+                TensorDecl("context_emb", "float32", (1, NUM_TOKENS, dim)),
+                TensorDecl("queries", "float32", (BATCH, NUM_QUERIES, dim)),
+                TensorDecl("self_bias", "float32", (NUM_QUERIES, NUM_QUERIES))],
+        outputs=[TensorDecl("hidden", "float32", (BATCH, NUM_QUERIES, dim))],
+        sample=sample,
+        extra={"role": "decoder", "targets": list(model.targets) + ([COORDS.name] if model.coords_target else [])},
+    )
 
 
 def decoder_specs(model: TerraMindModel) -> list[GraphSpec]:
+    """The shared decoder, then per image target its query and head graphs."""
+    if not (model.targets or model.coords_target):
+        return []
     dim = model.variant.dim
     tokens = model.grid ** 2
-    num_modalities = len(model.names)
-    specs = []
+    specs = [decoder_spec(model)]
     for target in model.targets:
         vocab = model.decoder_embedding(target).vocab_size
 
-        def sample(batch: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
-            n = tokens * num_modalities
-            return torch.randn(batch, n, dim, generator=gen), torch.randn(1, n, dim, generator=gen)
+        def positions(batch: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+            return (torch.randperm(tokens, generator=gen)[: tokens - batch],)
+
+        def hidden(batch: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+            return (torch.randn(batch, tokens, dim, generator=gen),)
 
         specs.append(GraphSpec(
-            name=decoder_graph_name(target),
-            module=DecoderGraph(model, target),
-            inputs=[TensorDecl("encoder_output", "float32", (BATCH, NUM_TOKENS, dim)),
-                    TensorDecl("context_emb", "float32", (1, NUM_TOKENS, dim))],
-            outputs=[TensorDecl("logits", "float32", (BATCH, tokens, vocab))],
-            sample=sample,
-            extra={"target": target, "vocab_size": vocab, "argmax_axis": -1},
+            name=query_graph_name(target), module=TargetQueryGraph(model, target),
+            inputs=[TensorDecl("positions", "int64", (NUM_QUERIES,))],
+            outputs=[TensorDecl("queries", "float32", (1, NUM_QUERIES, dim))],
+            sample=positions, extra={"target": target, "role": "decoder_queries", "num_positions": tokens},
+        ))
+        specs.append(GraphSpec(
+            name=head_graph_name(target), module=TargetHeadGraph(model, target),
+            inputs=[TensorDecl("hidden", "float32", (BATCH, NUM_QUERIES, dim))],
+            outputs=[TensorDecl("logits", "float32", (BATCH, NUM_QUERIES, vocab))],
+            sample=hidden, extra={"target": target, "role": "decoder_head", "vocab_size": vocab, "argmax_axis": -1},
         ))
     return specs
 
@@ -207,16 +273,28 @@ class CoordsEmbedGraph(nn.Module):
         return self.embedding(ids)
 
 
-class CoordsDecoderGraph(nn.Module):
-    """(encoder output, context emb, ids so far) -> causal logits of every position; the runtime's
-    autoregressive loop calls it once per generated token (at most three times)."""
+class CoordsQueryGraph(nn.Module):
+    """ids so far (B, L) -> the coords decoder queries (B, L, D): token + pos + modality embedding."""
 
     def __init__(self, model: TerraMindModel) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, encoder_output: torch.Tensor, context_emb: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return self.model.coords_logits(encoder_output, context_emb, ids)
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.coords_queries(ids)
+
+
+class CoordsHeadGraph(nn.Module):
+    """Normed decoder hidden states (B, L, D) -> coords logits (B, L, V); with the causal bias in
+    the shared decoder, position i scores the token after ids[:, i]. The runtime's autoregressive
+    loop runs query -> decoder -> head once per generated token (at most three times)."""
+
+    def __init__(self, model: TerraMindModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.coords_head(hidden)
 
 
 def _coords_ids(batch: int, gen: torch.Generator, length: int = 3) -> torch.Tensor:
@@ -225,8 +303,9 @@ def _coords_ids(batch: int, gen: torch.Generator, length: int = 3) -> torch.Tens
 
 def coords_specs(model: TerraMindModel) -> list[GraphSpec]:
     """``embed_coords`` (ids -> encoder tokens: a coords input, or a generated coords output that
-    conditions later outputs) and ``decoder_coords``; the sequence length is symbolic."""
-    dim, tokens = model.variant.dim, model.grid ** 2
+    conditions later outputs) and the coords output's query and head graphs around the shared
+    decoder; the sequence length is symbolic."""
+    dim = model.variant.dim
     specs = []
     if model.coords_conditioning:
         specs.append(GraphSpec(
@@ -238,25 +317,26 @@ def coords_specs(model: TerraMindModel) -> list[GraphSpec]:
             extra={"modality": COORDS.name, "role": "sequence_embedding", "vocab_size": COORDS.vocab_size},
         ))
     if model.coords_target:
-        num_modalities = max(len(model.names), 1)
-
-        def sample(batch: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
-            n = tokens * num_modalities + 3  # image tokens and a coords input's three
-            return (torch.randn(batch, n, dim, generator=gen), torch.randn(1, n, dim, generator=gen),
-                    _coords_ids(batch, gen))
-
+        # The token table (V x D) sits in both graphs (tied in the checkpoint): the queries look
+        # ids up in it, the head multiplies by it.
         specs.append(GraphSpec(
-            name=decoder_graph_name(COORDS.name), module=CoordsDecoderGraph(model),
-            inputs=[TensorDecl("encoder_output", "float32", (BATCH, NUM_TOKENS, dim)),
-                    TensorDecl("context_emb", "float32", (1, NUM_TOKENS, dim)),
-                    TensorDecl("ids", "int64", (BATCH, SEQ_LEN))],
+            name=query_graph_name(COORDS.name), module=CoordsQueryGraph(model),
+            inputs=[TensorDecl("ids", "int64", (BATCH, SEQ_LEN))],
+            outputs=[TensorDecl("queries", "float32", (BATCH, SEQ_LEN, dim))],
+            sample=lambda batch, gen: (_coords_ids(batch, gen),),
+            extra={"target": COORDS.name, "role": "decoder_queries", "vocab_size": COORDS.vocab_size},
+        ))
+        specs.append(GraphSpec(
+            name=head_graph_name(COORDS.name), module=CoordsHeadGraph(model),
+            inputs=[TensorDecl("hidden", "float32", (BATCH, SEQ_LEN, dim))],
             outputs=[TensorDecl("logits", "float32", (BATCH, SEQ_LEN, COORDS.vocab_size))],
-            sample=sample,
-            extra={"target": COORDS.name, "vocab_size": COORDS.vocab_size, "argmax_axis": -1, "causal": True},
+            sample=lambda batch, gen: (torch.randn(batch, 3, dim, generator=gen),),
+            extra={"target": COORDS.name, "role": "decoder_head", "vocab_size": COORDS.vocab_size,
+                   "argmax_axis": -1, "causal": True},
         ))
     return specs
 
 
 def all_specs(model: TerraMindModel) -> list[GraphSpec]:
-    return (embedding_specs(model) + token_embedding_specs(model) + coords_specs(model) + [encoder_spec(model)]
-            + decoder_specs(model))
+    return (embedding_specs(model) + token_embedding_specs(model) + [encoder_spec(model)] + decoder_specs(model)
+            + coords_specs(model))

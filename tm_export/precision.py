@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import onnx
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")  # int8: see quantize.py
 # Ops kept in fp32 on top of onnxruntime's own list (which keeps e.g. Range, Resize, TopK in fp32).
 FP32_OPS = ("LayerNormalization", "Softmax", "InstanceNormalization", "GroupNormalization",
             "ReduceMean", "Pow", "Sqrt", "Erf", "Exp")
@@ -19,7 +19,8 @@ FP16_MAX_REL_ERROR = 1e-2
 def check_precision(precision: str) -> str:
     if precision == "bf16":
         raise ValueError("bf16 graphs are not supported yet: ONNX Runtime's CPU provider cannot run them, so "
-                         "they could not be validated here; use fp16 (or fp32)")
+                         "they could not be validated here; use fp16 (or fp32), or fp32 graphs on OpenVINO with "
+                         "backend_options={'precision': 'bf16'}")
     if precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     return precision

@@ -3,7 +3,9 @@ seeded random values for tests and benchmarks; and strict, key-naming loading.""
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 from torch import nn
@@ -61,18 +63,53 @@ def hub_tokenizer(modality: str) -> Path:
     return hub_file(repo_id, filename, f"--tokenizer-ckpt {modality}=PATH")
 
 
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub's host opens (DNS + connect, at most ``timeout`` s).
+
+    huggingface_hub retries a network error five times with backoff (~25 s of warnings) before
+    it looks in the cache and gives up; this probe lets a machine without network go straight to
+    the cache. Behind a proxy the host is not reachable directly: we then leave it to
+    huggingface_hub (True)."""
+    if any(os.environ.get(v) for v in PROXY_VARIABLES):
+        return True
+    url = urlsplit(endpoint)
+    host, port = url.hostname, url.port or (80 if url.scheme == "http" else 443)
+    if not host:
+        return True
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
 def hub_file(repo_id: str, filename: str, flag: str) -> Path:
     """Honours HF_HUB_OFFLINE and HF_HOME/HF_HUB_CACHE (huggingface_hub does). Fails with one
-    clear message saying what to download, and which flag takes the file instead."""
+    clear message saying what to download, and which flag takes the file instead; without a
+    network connection it fails at once (only the cache is looked at)."""
     try:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import constants, hf_hub_download
     except ImportError as exc:  # pragma: no cover - export extra installs it
         raise WeightsError("huggingface_hub is not installed; pip install 'tm-deploy[export]' or pass --ckpt") from exc
+    offline = _offline()
+    unreachable = not offline and not hub_reachable(constants.ENDPOINT)
     try:
-        return Path(hf_hub_download(repo_id=repo_id, filename=filename))
+        return Path(hf_hub_download(repo_id=repo_id, filename=filename, local_files_only=unreachable))
     except Exception as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        why = "offline mode (HF_HUB_OFFLINE) and the file is not in the cache" if offline else str(exc).splitlines()[0]
+        if offline:
+            why = "offline mode (HF_HUB_OFFLINE) and the file is not in the cache"
+        elif unreachable:
+            why = (f"no network connection to {urlsplit(constants.ENDPOINT).hostname} and the file is not in the "
+                   f"cache ({constants.HF_HUB_CACHE})")
+        else:
+            why = str(exc).splitlines()[0]
         raise WeightsError(
             f"could not get {filename} from the Hugging Face hub ({repo_id}): {why}. "
             f"Download https://huggingface.co/{repo_id}/blob/main/{filename} and pass {flag}, "

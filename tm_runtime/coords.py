@@ -18,6 +18,15 @@ from .sampling import sample_tokens
 
 COORDS_TOKENIZER_FILE = "coords_tokenizer.json"
 SENTINEL_PREFIX = "[S_"
+# Additive attention bias for masked positions. Upstream masks with -finfo(float32).max; any value
+# that drives exp() to exactly 0 in fp32 is equivalent, and this one also survives fp16.
+MASKED_BIAS = -1.0e4
+
+
+def causal_bias(length: int) -> np.ndarray:
+    """(L, L) float32 self-attention bias of the shared decoder graph for a coords sequence:
+    0 on and below the diagonal, MASKED_BIAS above it (future tokens)."""
+    return np.triu(np.full((length, length), MASKED_BIAS, dtype=np.float32), k=1)
 
 
 def check_coords(value: object) -> np.ndarray:

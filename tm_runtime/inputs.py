@@ -21,11 +21,12 @@ def resolve_names(inputs: Mapping[str, object], available: Mapping[str, Modality
     for user_name, value in inputs.items():
         try:
             name = canonical_name(user_name)
-        except ValueError:
-            name = None
-        if name is None or name not in available:
+        except ValueError as exc:
+            raise ValueError(f"{exc} (this export has {', '.join(available)})") from None
+        if name not in available:
             raise ValueError(
-                f"unknown modality {user_name!r} for this export; exported modalities: {', '.join(available)}"
+                f"modality {name} was not exported (exported modalities: {', '.join(available)}); "
+                f"re-export with {name} in --modalities"
             )
         if name in resolved:
             raise ValueError(f"modality {name} given twice (as {user_name!r} and another spelling)")
@@ -66,22 +67,35 @@ def check_image(name: str, value: object, spec: ModalityEntry, image_size: int, 
 
 
 def class_map_to_one_hot(name: str, value: object, spec: ModalityEntry) -> object:
-    """An integer class map (B, H, W) or (B, 1, H, W) -> one-hot float32 (B, C, H, W); other values pass.
+    """A class map (B, H, W) or (B, 1, H, W) -> one-hot float32 (B, C, H, W); other values pass.
 
-    LULC's tokenizer reads one-hot maps; upstream one-hot encodes class maps the same way (and
-    fails on ids outside the classes, as we do, with a message).
+    Integer arrays are class maps. So are float arrays of those shapes when the modality has more
+    than one channel (LULC: a (B, 1, H, W) float array can only be a class map, e.g. as read from a
+    GeoTIFF), provided every value is a whole class id. LULC's tokenizer reads one-hot maps;
+    upstream one-hot encodes class maps the same way (and fails on ids outside the classes, as we
+    do, with a message).
     """
-    if not isinstance(value, np.ndarray) or not np.issubdtype(value.dtype, np.integer):
+    if not isinstance(value, np.ndarray):
+        return value
+    classes = spec.num_channels
+    if np.issubdtype(value.dtype, np.floating):
+        if classes == 1 or not (value.ndim == 3 or (value.ndim == 4 and value.shape[1] == 1)):
+            return value  # a one-hot (B, C, H, W) map, or not a class map at all: checked as an image
+        whole = np.isfinite(value).all() and bool((value == np.round(value)).all())
+        if not whole:
+            raise ValueError(f"{name}: a {value.dtype} array of shape {tuple(value.shape)} is read as a class map, "
+                             f"whose values must be whole class ids 0..{classes - 1}; got fractional or non-finite "
+                             f"values. Pass integer class ids, or a one-hot float array (B, {classes}, H, W)")
+    elif not np.issubdtype(value.dtype, np.integer):
         return value
     if value.ndim == 4 and value.shape[1] == 1:
         value = value[:, 0]
     if value.ndim != 3:
         raise ValueError(f"{name}: a class map must be (B, H, W) or (B, 1, H, W), got shape {tuple(value.shape)}")
-    classes = spec.num_channels
-    low, high = int(value.min()), int(value.max())
+    low, high = value.min(), value.max()
     if low < 0 or high >= classes:
-        raise ValueError(f"{name}: class ids must lie in [0, {classes}), got values in [{low}, {high}]")
-    return np.ascontiguousarray(np.eye(classes, dtype=np.float32)[value].transpose(0, 3, 1, 2))
+        raise ValueError(f"{name}: class ids must lie in [0, {classes}), got values in [{low:g}, {high:g}]")
+    return np.ascontiguousarray(np.eye(classes, dtype=np.float32)[value.astype(np.int64)].transpose(0, 3, 1, 2))
 
 
 def check_same_batch(arrays: Mapping[str, np.ndarray]) -> int:

@@ -12,7 +12,8 @@ from typing import Any
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "tm-deploy-export"
-FORMAT_VERSION = 1
+# 2: one shared decoder graph plus per-target query and head graphs (1 had a whole decoder per target).
+FORMAT_VERSION = 2
 
 
 class ManifestError(RuntimeError):
@@ -86,11 +87,13 @@ class ModalityEntry:
 
 @dataclass(frozen=True)
 class TargetEntry:
-    """A generation target: its decoder graph, vocabulary, FSQ levels and output statistics."""
+    """A generation target: its decoder query and head graphs (around the shared decoder), vocabulary,
+    FSQ levels and output statistics."""
 
     name: str
     key: str
-    graph: str
+    query_graph: str  # positions -> the target's decoder queries (1, L, D)
+    head_graph: str  # the shared decoder's hidden states -> logits (B, L, V)
     vocab_size: int
     fsq_levels: tuple[int, ...]
     tokenizer_decoder: str
@@ -101,7 +104,7 @@ class TargetEntry:
 
     @classmethod
     def from_json(cls, name: str, d: dict[str, Any]) -> "TargetEntry":
-        return cls(name, d["key"], d["graph"], int(d["vocab_size"]), tuple(d["fsq_levels"]),
+        return cls(name, d["key"], d["query_graph"], d["head_graph"], int(d["vocab_size"]), tuple(d["fsq_levels"]),
                    d["tokenizer_decoder"], int(d["channels"]), tuple(d["mean"]), tuple(d["std"]),
                    d.get("condition_graph"))
 
@@ -113,13 +116,14 @@ class CoordsEntry:
     input: bool
     output: bool
     embed_graph: str | None  # ids -> encoder tokens (a coords input, or a chained coords output)
-    decoder_graph: str | None  # causal decoder: (context, ids so far) -> logits
+    query_graph: str | None  # output: ids so far -> decoder queries; the shared decoder runs them causally
+    head_graph: str | None  # output: decoder hidden states -> logits
     tokenizer_file: str
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "CoordsEntry":
-        return cls(bool(d["input"]), bool(d["output"]), d.get("embed_graph"), d.get("decoder_graph"),
-                   d["tokenizer_file"])
+        return cls(bool(d["input"]), bool(d["output"]), d.get("embed_graph"), d.get("query_graph"),
+                   d.get("head_graph"), d["tokenizer_file"])
 
 
 @dataclass
@@ -143,6 +147,12 @@ class Manifest:
     def random_weights(self) -> bool:
         return bool(self.data["weights"]["random_init"])
 
+    @property
+    def decoder_graph(self) -> str | None:
+        """The decoder transformer shared by every output modality (None without outputs)."""
+        decoder = self.data.get("decoder")
+        return decoder["graph"] if decoder else None
+
     def graph(self, name: str) -> GraphEntry:
         try:
             return self.graphs[name]
@@ -152,16 +162,22 @@ class Manifest:
     def graph_path(self, name: str) -> Path:
         return self.directory / self.graph(name).file
 
-    def verify(self, names: list[str] | None = None) -> None:
-        """Check every file (graphs, external data, other files such as the coords tokenizer)
-        against the sha256 the manifest records; ``names`` limits the check to those graphs."""
+    def verify(self, names: list[str] | None = None, files: list[str] | None = None) -> None:
+        """Check files against the sha256 the manifest records: the graphs ``names`` (with their
+        external data) and the other files ``files`` (keys of the manifest's ``files``, e.g.
+        ``coords_tokenizer``); with neither given, every file of the export."""
+        if names is None and files is None:
+            names, files = list(self.graphs), list(self.data.get("files", {}))
         checks = []
-        for name in names if names is not None else list(self.graphs):
+        for name in names or []:
             entry = self.graph(name)
             checks += [(f"graph {name!r}", entry.file, entry.sha256)]
             checks += [(f"graph {name!r}", e["file"], e["sha256"]) for e in entry.external_data]
-        if names is None:
-            checks += [(f"file {key!r}", f["file"], f["sha256"]) for key, f in self.data.get("files", {}).items()]
+        for key in files or []:
+            f = self.data.get("files", {}).get(key)
+            if f is None:
+                raise ManifestError(f"file {key!r} is not in this export's manifest")
+            checks.append((f"file {key!r}", f["file"], f["sha256"]))
         for what, rel, expected in checks:
             path = self.directory / rel
             if not path.is_file():
@@ -172,6 +188,9 @@ class Manifest:
                     f"{what}: {rel} has sha256 {actual[:16]}…, manifest expects {expected[:16]}… "
                     "(the file was modified or truncated; re-export)"
                 )
+
+    def verify_graph(self, name: str) -> None:
+        self.verify([name])
 
 
 def load_manifest(export_dir: str | Path) -> Manifest:
@@ -186,6 +205,12 @@ def load_manifest(export_dir: str | Path) -> Manifest:
     if data.get("format") != FORMAT_NAME:
         raise ManifestError(f"{path}: format {data.get('format')!r} is not {FORMAT_NAME!r}")
     version = data.get("format_version")
+    if version == 1:
+        raise ManifestError(
+            f"{path}: this export has format version 1 (a whole decoder per output modality); this runtime "
+            f"reads version {FORMAT_VERSION} (one shared decoder). Re-export it with this version's tm-export "
+            "(same command line)"
+        )
     if version != FORMAT_VERSION:
         raise ManifestError(
             f"{path}: format version {version} is not supported by this runtime (it reads {FORMAT_VERSION})"

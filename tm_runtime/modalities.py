@@ -85,7 +85,7 @@ def canonical_name(name: str) -> str:
     try:
         return _ALIASES[name.lower()]
     except KeyError:
-        known = ", ".join(INPUT_MODALITIES)
+        known = ", ".join([*INPUT_MODALITIES, "coords"])
         raise ValueError(f"unknown modality {name!r}; known input modalities: {known}") from None
 
 
@@ -144,7 +144,7 @@ def get_target(name: str) -> Target:
         raise TypeError(f"output modality names must be strings, got {type(name).__name__}")
     key = _TARGET_ALIASES.get(name.lower())
     if key is None:
-        raise ValueError(f"unknown output modality {name!r}; TerraMind generates {', '.join(TARGETS)}")
+        raise ValueError(f"unknown output modality {name!r}; TerraMind generates {', '.join([*TARGETS, 'coords'])}")
     return TARGETS[key]
 
 

@@ -9,38 +9,54 @@ import numpy as np
 from .backends import OrtBackend
 from .context import EncoderContext, per_group
 from .coords import COORDS_TOKENIZER_FILE, CoordsTokenizer, autoregressive_decode
+from .decoder import DecoderGraphs
 from .inputs import check_image, check_same_batch, class_map_to_one_hot, resolve_names
 from .inputs import standardize as standardize_image
-from .manifest import Manifest, load_manifest
+from .manifest import CoordsEntry, Manifest, load_manifest
 from .generation import (as_output_list, check_noise, check_timesteps, check_tokens, codes_for, destandardize,
                          diffusion_decode, diffusion_decode_device)
 from .iterative import check_decoding, iterative_decode
 from .merge import check_merge_method, merge_tokens
 from .modalities import COORDS, is_coords
 from .sampling import check_sampling_args, sample_tokens
+from .task import TaskInfo, TaskPipeline
+from .tim import TimConfig, TimOptions, generation_model, tim_parts
 
 Layers = int | Sequence[int] | str
+BACKENDS = ("ort", "ort-cuda", "tensorrt", "openvino")
 
 
-def make_backend(kind, paths, manifest, export_dir, providers, threads, profile_prefix, options: dict):
-    """The engine behind the runtime (see ``TerraMindRuntime``); GPU backends import lazily."""
+def make_backend(kind, paths, manifest, export_dir, providers, threads, profile_prefix, options: dict,
+                 verify: bool = True):
+    """The engine behind the runtime (see ``TerraMindRuntime``); GPU backends import lazily.
+
+    ``verify``: the ONNX Runtime backends check a graph's sha256 when its session is created, so
+    graphs that are never run are never read; other backends get every file checked now."""
+    if kind not in ("ort", "ort-cuda") and verify:
+        manifest.verify()
+    check = manifest.verify_graph if verify else None
     if not isinstance(kind, str):
         if not callable(getattr(kind, "run", None)):
-            raise TypeError(f"backend must be 'ort', 'ort-cuda', 'tensorrt' or an object with run(), got {kind!r}")
+            raise TypeError(f"backend must be one of {', '.join(BACKENDS)} or an object with run(), got {kind!r}")
         return kind
     if kind != "ort" and providers:
         raise ValueError(f"providers= only applies to backend='ort', not {kind!r}")
     if kind == "ort":
-        return OrtBackend(paths, providers=providers, threads=threads, profile_prefix=profile_prefix)
+        return OrtBackend(paths, providers=providers, threads=threads, profile_prefix=profile_prefix,
+                          before_first_use=check)
     if kind == "ort-cuda":
         from .backends.ort_cuda import OrtCudaBackend
 
-        return OrtCudaBackend(paths, manifest, **options)
+        return OrtCudaBackend(paths, manifest, before_first_use=check, **options)
     if kind == "tensorrt":
         from .backends.tensorrt import TensorRTBackend
 
         return TensorRTBackend.from_export(export_dir, **options)
-    raise ValueError(f"backend must be 'ort', 'ort-cuda' or 'tensorrt', got {kind!r}")
+    if kind == "openvino":
+        from .backends.openvino import OpenVinoBackend
+
+        return OpenVinoBackend.from_manifest(paths, manifest, options, threads)
+    raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {kind!r}")
 
 
 class _TokenizerInput:
@@ -58,10 +74,14 @@ class TerraMindRuntime:
         export_dir: the directory holding ``manifest.json`` and the ONNX graphs.
         providers: ONNX Runtime execution providers (default: CPU).
         threads: intra-op threads per session (default: ONNX Runtime's choice).
-        verify: check every graph file against the manifest's sha256 before use.
+        verify: check every file against the manifest's sha256 before it is first used (ONNX
+            Runtime backends: a graph when its session is created, so an embedding-only workload
+            never reads the decoder or tokenizer files; other backends: every file at load).
         backend: "ort" (ONNX Runtime with ``providers``), "ort-cuda" (IO binding on the GPU),
-            "tensorrt" (engines built/cached by tm-build-engines), or any object with ``run``.
-        backend_options: keyword arguments for the "ort-cuda" / "tensorrt" backends.
+            "tensorrt" (engines built/cached by tm-build-engines), "openvino" (OpenVINO, see
+            ``backends.openvino.OpenVinoOptions``), or any object with ``run``.
+        backend_options: keyword arguments for the "ort-cuda" / "tensorrt" backends; for "openvino"
+            device, precision, threads, cache_dir.
     """
 
     def __init__(
@@ -75,13 +95,15 @@ class TerraMindRuntime:
         backend_options: dict | None = None,
     ) -> None:
         self.manifest: Manifest = load_manifest(export_dir)
-        if verify:
-            self.manifest.verify()
+        self._verify = verify
         paths = {name: self.manifest.graph_path(name) for name in self.manifest.graphs}
         self.backend = make_backend(backend, paths, self.manifest, export_dir, providers, threads, profile_prefix,
-                                    backend_options or {})
+                                    backend_options or {}, verify)
         self._encoder = self.manifest.data["encoder"]
+        self._decoder = DecoderGraphs(self.manifest)
         self._coords_tokenizer: CoordsTokenizer | None = None
+        self.tim: TimConfig | None = TimConfig.from_manifest(self.manifest.data)  # a TiM backbone's step
+        self._task: TaskInfo | None = None
 
     # -- facts about the export -------------------------------------------------------------
     @property
@@ -98,12 +120,33 @@ class TerraMindRuntime:
     def random_weights(self) -> bool:
         return self.manifest.random_weights
 
+    # -- fine-tuned task models (tm_runtime.task) ----------------------------------------------
+    @property
+    def task(self) -> TaskInfo | None:
+        """What a fine-tuned export (``tm-export --task-config``) predicts; None for a backbone export."""
+        if self._task is None and self.manifest.data.get("task"):
+            self._task = TaskInfo.from_manifest(self.manifest.data["task"])
+        return self._task
+
+    def predict(self, inputs: Mapping[str, np.ndarray], standardize: bool = True, output: str = "logits",
+                check_finite: bool = True, **options) -> np.ndarray:
+        """A fine-tuned task model's output, as terratorch's ``task(inputs).output``: (B, K, H, W)
+        float32 logits, ``output="probabilities"`` or ``"classes"`` ((B, H, W) uint8). See
+        ``tm_runtime.task.TaskPipeline.predict``."""
+        if self.task is None:
+            raise ValueError("this export has no task head (it is a backbone export); export a fine-tuned model "
+                             "with tm-export --task-config CONFIG.yaml --ckpt CHECKPOINT")
+        return TaskPipeline(self, self.task).predict(inputs, standardize=standardize, output=output,
+                                                     check_finite=check_finite, **options)
+
     # -- coords -----------------------------------------------------------------------------
     @property
     def coords_tokenizer(self) -> CoordsTokenizer:
         if self.manifest.coords is None:
             raise ValueError("this export has no coords; re-export with coords in --modalities or --output-modalities")
         if self._coords_tokenizer is None:
+            if self._verify:
+                self.manifest.verify(files=["coords_tokenizer"])
             self._coords_tokenizer = CoordsTokenizer(self.manifest.directory / self.manifest.coords.tokenizer_file)
         return self._coords_tokenizer
 
@@ -117,7 +160,7 @@ class TerraMindRuntime:
         if len(keys) > 1:
             raise ValueError(f"coords given twice (as {', '.join(map(repr, keys))})")
         if not (self.manifest.coords and self.manifest.coords.input):
-            raise ValueError(f"unknown modality {keys[0]!r} for this export: coords was not exported as an input "
+            raise ValueError(f"modality {keys[0]!r}: coords was not exported as an input "
                              f"(exported modalities: {', '.join(self.modalities)}); re-export with coords in --modalities")
         return {k: v for k, v in inputs.items() if k != keys[0]}, self.coords_tokenizer.encode(inputs[keys[0]])
 
@@ -196,7 +239,12 @@ class TerraMindRuntime:
     @property
     def output_modalities(self) -> list[str]:
         coords = self.manifest.coords
-        return list(self.manifest.targets) + ([COORDS.name] if coords and coords.output else [])
+        return [t for t in self.manifest.targets if self._decodable(t)] + ([COORDS.name] if coords and coords.output
+                                                                           else [])
+
+    def _decodable(self, name: str) -> bool:
+        """False for a TiM modality exported for the TiM step only (a decoder, no tokenizer decoder)."""
+        return not self.manifest.data["targets"][name].get("tim_only", False)
 
     def _target(self, modality: str):
         from .modalities import get_target
@@ -215,28 +263,29 @@ class TerraMindRuntime:
         return self.encode(tokens, [self.num_layers - 1])[0], emb
 
     def decoder_logits(self, modality: str, encoder_output: np.ndarray, context_emb: np.ndarray) -> np.ndarray:
-        target = self._target(modality)
-        feeds = {"encoder_output": encoder_output, "context_emb": context_emb}
-        return self.backend.run(target.graph, feeds, ["logits"])[0]
+        """One image output's logits (B, N, V) from ``encode_context``'s (encoder output, context
+        embeddings): its queries through the shared decoder graph, then its head graph."""
+        return self._decoder.target_logits(self.backend, self._target(modality), encoder_output, context_emb)
 
     def logits(self, inputs: Mapping[str, np.ndarray], modality: str, standardize: bool = False,
                check_finite: bool = True) -> np.ndarray:
         """The decoder's logits (B, N, V) for one output modality, in position order (row-major
         over the token grid), for custom sampling or uncertainty maps. (coords is decoded token by
-        token: see ``coords_logits``.)"""
+        token: see ``coords_logits``.) A TiM modality's logits come from the TiM generation model."""
         if is_coords(modality):
             raise ValueError("coords is generated token by token; use coords_logits(inputs, ids) for the logits "
                              "of a given sequence, or generate(inputs, ['coords'])")
         target = self._target(modality)
         arrays, coords, _ = self._prepare_inputs(inputs, standardize, check_finite)
-        encoded, emb = self.encode_context(arrays, coords)
-        return self.decoder_logits(target.name, encoded, emb)
+        model = generation_model(self, self.tim) if self.tim and target.name in self.tim.modalities else self
+        encoded, emb = model.encode_context(arrays, coords)
+        return model.decoder_logits(target.name, encoded, emb)
 
     def coords_logits(self, inputs: Mapping[str, np.ndarray], ids: np.ndarray, standardize: bool = False,
                       check_finite: bool = True) -> np.ndarray:
         """Causal decoder logits (B, L, V) of the coords sequence ``ids`` (B, L) ([S_1] first):
         position i scores the token after ids[:, i], seeing ids[:, :i + 1] only."""
-        graph = self._coords_output()
+        output = self._coords_output()
         ids = np.asarray(ids)
         if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or not 1 <= ids.shape[1] <= COORDS.max_length - 1:
             raise ValueError(f"coords: ids must be an integer array (batch, L) with 1 <= L <= {COORDS.max_length - 1}, "
@@ -247,23 +296,26 @@ class TerraMindRuntime:
         encoded, emb = self.encode_context(arrays, coords)
         if ids.shape[0] != encoded.shape[0]:
             raise ValueError(f"coords: ids have batch {ids.shape[0]}, the inputs {encoded.shape[0]}")
-        return self.backend.run(graph, {"encoder_output": encoded, "context_emb": emb,
-                                        "ids": ids.astype(np.int64)}, ["logits"])[0]
+        return self._decoder.coords_logits(self.backend, output, encoded, emb, ids)
 
-    def _coords_output(self) -> str:
-        """The coords decoder graph, or an error saying how to export it."""
+    def _coords_output(self) -> CoordsEntry:
+        """The coords entry of an export with coords as an output, or an error saying how to export it."""
         coords = self.manifest.coords
         if coords is None or not coords.output:
             exported = ", ".join(self.output_modalities) or "none"
             raise ValueError(f"output modality coords was not exported (exported targets: {exported}); "
                              "re-export with --output-modalities coords")
-        return coords.decoder_graph
+        return coords
 
     def _output_name(self, modality: str) -> str:
         if is_coords(modality):
             self._coords_output()
             return COORDS.name
-        return self._target(modality).name
+        name = self._target(modality).name
+        if not self._decodable(name):
+            raise ValueError(f"{name} was exported for the TiM step only (its decoder, not its tokenizer): it "
+                             f"cannot be generated as an image; re-export with --output-modalities {name}")
+        return name
 
     # -- tokenizers -------------------------------------------------------------------------
     @property
@@ -291,7 +343,7 @@ class TerraMindRuntime:
         """
         if is_coords(modality):
             return self.coords_tokenizer.decode(tokens)
-        target = self._target(modality)
+        target = self._target(self._output_name(modality))
         timesteps = check_timesteps(timesteps)
         ids = check_tokens(target.name, tokens, target.vocab_size, self.grid)
         codes = codes_for(target.fsq_levels, ids)
@@ -450,11 +502,11 @@ class TerraMindRuntime:
                          top_p: float, progress) -> tuple[np.ndarray, list[int]]:
         """The autoregressive coords loop over the causal decoder graph; returns the merged ids
         (B, L) padded with [PAD] and each row's length."""
-        graph = self._coords_output()
+        coords = self._coords_output()
 
         def logits_fn(ids: np.ndarray) -> np.ndarray:
-            return per_group(groups, batch, lambda rows, enc, emb: self.backend.run(
-                graph, {"encoder_output": enc, "context_emb": emb, "ids": ids[rows]}, ["logits"])[0])
+            return per_group(groups, batch, lambda rows, enc, emb: self._decoder.coords_logits(
+                self.backend, coords, enc, emb, ids[rows]))
 
         generated = autoregressive_decode(logits_fn, batch, rng, temperature, top_k, top_p, progress=progress)
         return self.coords_tokenizer.merge(generated)
@@ -502,6 +554,11 @@ class TerraMindRuntime:
         layers: Layers = -1,
         standardize: bool = False,
         check_finite: bool = True,
+        tim_temperature: float | None = None,
+        tim_top_p: float | None = None,
+        tim_top_k: int | None = None,
+        tim_decoding_steps: int | None = None,
+        seed: int | None = None,
     ):
         """Embeddings of the given modalities, as terratorch's TerraMind backbone returns them.
 
@@ -513,13 +570,23 @@ class TerraMindRuntime:
         'all' (a list of every layer; only the last one is normed, as upstream).
         ``merge_method``: 'mean' | 'max' | 'concat' | 'dict' | None (see ``merge.merge_tokens``).
         ``standardize``: apply TerraMind's pretraining mean/std per channel first.
+        TiM backbones (``rt.tim``; see ``tim``) first generate the tokens of their TiM modalities
+        that are not among the inputs and encode them after the inputs; 'mean'/'max'/'concat'
+        merge them in and, as upstream, 'dict' returns the inputs only. ``tim_temperature``,
+        ``tim_top_p``, ``tim_top_k``, ``tim_decoding_steps`` (None: the export's defaults,
+        upstream's 1.0, 0.8, 0, 1) and ``seed`` steer its sampling; temperature 0 is argmax.
         """
         check_merge_method(merge_method)
+        options = TimOptions.resolve(self.tim, tim_temperature, tim_top_p, tim_top_k, tim_decoding_steps, seed)
         indices, single = self._layer_indices(layers)
         arrays, coords, order = self._prepare_inputs(inputs, standardize, check_finite)
         parts = self._input_parts(arrays, coords, order)
-        tokens = np.concatenate([t for _, t, _ in parts], axis=1)
-        layout = [(name, t.shape[1], name != COORDS.name) for name, t, _ in parts]
-        missing = len(self.manifest.modalities) - len(arrays)
+        thought = tim_parts(self, self.tim, arrays, coords, order, parts, options) if self.tim else []
+        tokens = np.concatenate([t for _, t, _ in parts + thought], axis=1)
+        layout = [(name, t.shape[1], name != COORDS.name) for name, t, _ in parts + thought]
+        images = set(self.manifest.modalities) | set(self.tim.modalities if self.tim else ())
+        missing = len(images) - len(arrays) - len(thought)
         merged = [merge_tokens(out, layout, merge_method, missing) for out in self.encode(tokens, indices)]
+        if merge_method == "dict" and thought:
+            merged = [{k: v for k, v in m.items() if k in order} for m in merged]
         return merged[0] if single else merged

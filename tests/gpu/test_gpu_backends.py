@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 pytestmark = pytest.mark.gpu
-GRAPHS = ["embed_S2L2A", "embed_S1GRD", "encoder", "decoder_DEM", "unet_DEM"]
+GRAPHS = ["embed_S2L2A", "embed_S1GRD", "encoder", "decoder", "decoder_query_DEM", "decoder_head_DEM", "unet_DEM"]
+N = 196
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -94,10 +95,18 @@ def test_trt_run_device_chains_and_shares_activations(trt_backend, cpu_runtime):
     assert enc.shape == (2, 392, 192)
     emb = DeviceArray.from_host(np.random.default_rng(2).standard_normal((1, 392, 192)).astype(np.float32),
                                 trt_backend.stream)
-    logits = trt_backend.run_device("decoder_DEM", {"encoder_output": enc, "context_emb": emb})["logits"]
+    queries = np.repeat(cpu_runtime.backend.run("decoder_query_DEM", {"positions": np.arange(N)}, ["queries"])[0],
+                        2, axis=0)
+    bias = np.zeros((N, N), np.float32)
+    # encoder -> shared decoder -> head, every intermediate left on the device
+    hidden = trt_backend.run_device("decoder", {"encoder_output": enc, "context_emb": emb, "queries": queries,
+                                                "self_bias": bias})["hidden"]
+    logits = trt_backend.run_device("decoder_head_DEM", {"hidden": hidden})["logits"]
     host_enc = enc.to_host(trt_backend.stream)
-    ref = cpu_runtime.backend.run("decoder_DEM", {"encoder_output": host_enc,
-                                                  "context_emb": emb.to_host(trt_backend.stream)}, ["logits"])[0]
+    ref_hidden = cpu_runtime.backend.run("decoder", {"encoder_output": host_enc,
+                                                     "context_emb": emb.to_host(trt_backend.stream),
+                                                     "queries": queries, "self_bias": bias}, ["hidden"])[0]
+    ref = cpu_runtime.backend.run("decoder_head_DEM", {"hidden": ref_hidden}, ["logits"])[0]
     assert _rel(logits.to_host(trt_backend.stream), ref) < 1e-3
     emb.free()
     plan = trt_backend.activations  # one scratch allocation: the largest engine's, 256-byte aligned
@@ -142,9 +151,12 @@ def test_ort_cuda_iobinding_matches_cpu(ort_cuda, cpu_runtime):
     assert out.device_name().lower() == "cuda"
     ref = cpu_runtime.backend.run("encoder", {"tokens": tokens}, ["layer_11"])[0]
     assert _rel(out.numpy(), ref) < 1e-3
-    # Chained on the device: the encoder's OrtValue goes straight into the decoder.
+    # Chained on the device: the encoder's OrtValue goes straight into the decoder, its output into the head.
     emb = np.zeros((1, 392, 192), np.float32)
-    logits = ort_cuda.run("decoder_DEM", {"encoder_output": out, "context_emb": emb})[0]
+    queries = np.zeros((2, N, 192), np.float32)
+    hidden = ort_cuda.run_device("decoder", {"encoder_output": out, "context_emb": emb, "queries": queries,
+                                             "self_bias": np.zeros((N, N), np.float32)}, ["hidden"])["hidden"]
+    logits = ort_cuda.run("decoder_head_DEM", {"hidden": hidden})[0]
     assert logits.shape == (2, 196, 15360)
 
 

@@ -193,13 +193,13 @@ def captured_coords(model) -> tuple[list, list]:
 
 
 def runtime_coords_logits(runtime) -> list:
-    """Record the last-position logits of every decoder_coords call of the runtime."""
+    """Record the last-position logits of every coords head call of the runtime (one per step)."""
     logits = []
     run = runtime.backend.run
 
     def recording(graph, feeds, outputs):
         out = run(graph, feeds, outputs)
-        if graph == "decoder_coords":
+        if graph == runtime.manifest.coords.head_graph:
             logits.append(out[0][:, -1].copy())
         return out
 

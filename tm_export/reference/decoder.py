@@ -32,6 +32,41 @@ class ImageTokenDecoderEmbedding(nn.Module):
         return resize_positions(self.pos_emb, grid, grid) + self.mod_emb
 
 
+def image_queries(mask_token: torch.Tensor, target: ImageTokenDecoderEmbedding, grid: int) -> torch.Tensor:
+    """The decoder input of an image target, (1, grid*grid, D): a mask token plus each position's
+    pos + modality embedding (a constant per target; see the module docstring)."""
+    return mask_token + target.query_embedding(grid)
+
+
+def decode_hidden(
+    blocks: nn.ModuleList,
+    norm: nn.Module,
+    proj_context: nn.Linear,
+    queries: torch.Tensor,
+    encoder_output: torch.Tensor,
+    context_emb: torch.Tensor,
+    self_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The decoder transformer, shared by every target: normed hidden states (B, L, D) of the
+    ``queries`` (B or 1, L, D) attending to the projected context.
+
+    ``encoder_output`` is the normed last encoder layer (B, N, D); ``context_emb`` the inputs'
+    pos + modality embeddings (1 or B, N, D), which upstream adds again after the projection.
+    ``self_bias`` (L, L) is added to the self-attention scores: None (image targets: no mask) or
+    the causal bias of a coords sequence.
+    """
+    context = proj_context(encoder_output) + context_emb
+    y = queries.expand(encoder_output.shape[0], -1, -1)
+    for block in blocks:
+        y = block(y, context, self_bias)
+    return norm(y)
+
+
+def head_logits(hidden: torch.Tensor, to_logits: nn.Linear) -> torch.Tensor:
+    """A target's output head on the normed hidden states: (B, L, D) -> logits (B, L, V)."""
+    return torch.matmul(hidden, to_logits.weight.t())
+
+
 def decode_logits(
     blocks: nn.ModuleList,
     norm: nn.Module,
@@ -42,17 +77,11 @@ def decode_logits(
     context_emb: torch.Tensor,
     grid: int,
 ) -> torch.Tensor:
-    """Logits (B, grid*grid, V) of one image target, in position order.
-
-    ``encoder_output`` is the normed last encoder layer (B, N, D); ``context_emb`` the inputs'
-    pos + modality embeddings (1 or B, N, D), which upstream adds again after the projection.
-    """
-    context = proj_context(encoder_output) + context_emb
-    query = mask_token + target.query_embedding(grid)
-    y = query.expand(encoder_output.shape[0], -1, -1)
-    for block in blocks:
-        y = block(y, context)
-    return torch.matmul(norm(y), target.to_logits.weight.t())
+    """Logits (B, grid*grid, V) of one image target, in position order: its queries, the shared
+    decoder, its head."""
+    queries = image_queries(mask_token, target, grid)
+    hidden = decode_hidden(blocks, norm, proj_context, queries, encoder_output, context_emb)
+    return head_logits(hidden, target.to_logits)
 
 
 def build_decoder_blocks(variant) -> nn.ModuleList:

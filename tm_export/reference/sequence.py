@@ -10,10 +10,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tm_runtime.coords import MASKED_BIAS
+
+from .decoder import decode_hidden, head_logits
+
 MAX_SINCOS_POSITIONS = 512
-# Additive attention bias for masked positions. Upstream masks with -finfo(float32).max; any value
-# that drives exp() to exactly 0 in fp32 is equivalent, and this one also survives fp16.
-MASKED_BIAS = -1.0e4
 
 
 def sincos_1d(length: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
@@ -74,9 +75,7 @@ def sequence_logits(
 ) -> torch.Tensor:
     """Logits (B, L, V) of a coords sequence given its first L ids, each position seeing only
     itself and earlier ones (upstream's autoregressive step, without its early stop)."""
-    context = proj_context(encoder_output) + context_emb
-    y, _ = target(ids)
+    queries, _ = target(ids)
     bias = causal_bias(ids.shape[1], ids.device)
-    for block in blocks:
-        y = block(y, context, bias)
-    return torch.matmul(norm(y), target.to_logits.weight.t())
+    hidden = decode_hidden(blocks, norm, proj_context, queries, encoder_output, context_emb, bias)
+    return head_logits(hidden, target.to_logits)

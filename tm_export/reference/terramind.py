@@ -12,7 +12,8 @@ from torch import nn
 
 from tm_runtime.modalities import COORDS, get_modality, get_target, is_coords
 
-from .decoder import ImageTokenDecoderEmbedding, build_decoder_blocks, build_decoder_norm, decode_logits
+from .decoder import (ImageTokenDecoderEmbedding, build_decoder_blocks, build_decoder_norm, decode_hidden, decode_logits,
+                      head_logits, image_queries)
 from .embeddings import ImageEncoderEmbedding, ImageTokenEncoderEmbedding
 from .layers import Block, LayerNorm
 from .sequence import SequenceDecoderEmbedding, SequenceEncoderEmbedding, sequence_logits
@@ -185,3 +186,24 @@ class TerraMindModel(nn.Module):
     def target_logits(self, encoder_output: torch.Tensor, context_emb: torch.Tensor, target: str) -> torch.Tensor:
         return decode_logits(self.decoder, self.decoder_norm, self.decoder_proj_context, self.mask_token,
                              self.decoder_embedding(target), encoder_output, context_emb, self.grid)
+
+    # The pieces the exported decoder graphs are made of (see graphs.py): one shared transformer,
+    # and per target its queries (the decoder input) and its head (the logits).
+    def decoder_hidden(self, encoder_output: torch.Tensor, context_emb: torch.Tensor, queries: torch.Tensor,
+                       self_bias: torch.Tensor | None = None) -> torch.Tensor:
+        return decode_hidden(self.decoder, self.decoder_norm, self.decoder_proj_context, queries, encoder_output,
+                             context_emb, self_bias)
+
+    def target_queries(self, target: str) -> torch.Tensor:
+        """(1, grid*grid, D): the constant decoder input of an image target."""
+        return image_queries(self.mask_token, self.decoder_embedding(target), self.grid)
+
+    def target_head(self, hidden: torch.Tensor, target: str) -> torch.Tensor:
+        return head_logits(hidden, self.decoder_embedding(target).to_logits)
+
+    def coords_queries(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, L, D): the decoder input of a coords sequence (token + pos + modality embedding)."""
+        return self.decoder_embeddings[COORDS.key](ids)[0]
+
+    def coords_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return head_logits(hidden, self.decoder_embeddings[COORDS.key].to_logits)

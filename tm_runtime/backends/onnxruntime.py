@@ -1,9 +1,10 @@
-"""ONNX Runtime backend: one lazily created InferenceSession per graph."""
+"""ONNX Runtime backend: one lazily created InferenceSession per graph (a graph that is never run,
+e.g. a decoder in an embedding-only workload, is never read)."""
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +41,10 @@ class OrtBackend:
         threads: int | None = None,
         profile_prefix: str | None = None,
         spinning: bool = False,
+        before_first_use: Callable[[str], None] | None = None,
     ) -> None:
         self._paths = dict(graph_paths)
+        self._before_first_use = before_first_use  # e.g. the sha256 check of the graph's files
         self._spinning = spinning
         self._providers = list(providers) if providers else ["CPUExecutionProvider"]
         self._threads = threads
@@ -57,6 +60,8 @@ class OrtBackend:
         with self._lock:
             sess = self._sessions.get(name)
             if sess is None:
+                if self._before_first_use is not None:
+                    self._before_first_use(name)
                 start = time.perf_counter()
                 sess = ort.InferenceSession(
                     str(self._paths[name]),

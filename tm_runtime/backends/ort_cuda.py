@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,12 +76,15 @@ class OrtCudaBackend:
         cuda_options: extra CUDA EP options (e.g. ``{"cudnn_conv_algo_search": "HEURISTIC"}``).
         enable_cuda_graph: capture/replay CUDA graphs (static shapes per signature).
         cpu_fallback: also register the CPU EP (not allowed with CUDA graphs).
+        before_first_use: called with a graph's name before its session is created.
     """
 
     def __init__(self, graph_paths: Mapping[str, Path], manifest: Manifest | None = None, device_id: int = 0,
                  cuda_options: Mapping[str, Any] | None = None, enable_cuda_graph: bool = False,
-                 cpu_fallback: bool = True, threads: int | None = None) -> None:
+                 cpu_fallback: bool = True, threads: int | None = None,
+                 before_first_use: Callable[[str], None] | None = None) -> None:
         check_cuda_ep()
+        self._before_first_use = before_first_use  # e.g. the sha256 check of the graph's files
         if enable_cuda_graph and manifest is None:
             raise ValueError("enable_cuda_graph needs the manifest to pre-allocate outputs")
         self._paths = dict(graph_paths)
@@ -106,6 +109,8 @@ class OrtCudaBackend:
             with self._lock:
                 sess = self._sessions.get(name)
                 if sess is None:
+                    if self._before_first_use is not None:
+                        self._before_first_use(name)
                     start = time.perf_counter()
                     sess = ort.InferenceSession(str(self._paths[name]), providers=self._providers,
                                                 sess_options=make_session_options(self._threads))

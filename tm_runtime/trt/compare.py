@@ -1,7 +1,8 @@
 """``tm-compare-trt DIR``: per graph, TensorRT and ONNX Runtime (CPU) on the same random inputs.
 
 Inputs come from the manifest's specs (float: standard normal; token ids: uniform over the
-vocabulary; timesteps: uniform in [0, 1000); FSQ codes: uniform in [-1, 1]). Errors are the
+vocabulary; timesteps: uniform in [0, 1000); FSQ codes: uniform in [-1, 1]; a query graph's
+positions: a permutation). Errors are the
 exporter's statistics: max |trt - ort| and max |trt - ort| / max |ort|; quantised outputs (ids,
 FSQ codes) report the fraction of elements that differ. Tolerances default to the manifest's per
 graph for fp32 engines, and to looser per-precision values for tf32 / fp16 / bf16.
@@ -60,6 +61,8 @@ def random_feeds(manifest: Manifest, name: str, batch: int, modalities: int | No
             value = rng.integers(0, 1000, shape)
         elif s.name == "ids":
             value = rng.integers(0, int(entry.raw.get("vocab_size", 2)), shape)
+        elif s.name == "positions":  # a decoder query graph's table rows, each once
+            value = rng.permutation(shape[0]) % int(entry.raw.get("num_positions", shape[0]))
         elif s.name == "quant":
             value = rng.uniform(-1, 1, shape)
         elif s.dtype.startswith("float"):

@@ -8,6 +8,8 @@ Each graph input gets concrete (min, opt, max) shapes from its symbolic dims:
   every output fed back to the encoder except the last (``max_context_modalities``);
 - with coords: ``num_tokens`` widens by up to 3 coords tokens (an input, or a generated span
   fed back) and down to 1 (a coords-only input gives 3); ``seq_len`` (coords ids) is 1 to 3;
+- ``num_queries`` (the shared decoder's queries): 196 for image targets, 1 to 3 for a coords
+  output, so 1 to 196 when both are exported (static at 196 without coords);
 - fixed dims as the manifest gives them (``context_emb``'s leading 1 stays 1).
 
 Buffer planning gives every binding's byte size at the max profile (so buffers can be allocated
@@ -78,13 +80,16 @@ def tokens_per_modality(manifest: Manifest) -> int:
 def max_context_modalities(manifest: Manifest) -> int:
     """The most modalities the encoder (and decoders) can see at once.
 
-    ``embed`` feeds at most every input modality (M). Chained ``generate`` feeds the inputs plus
+    ``embed`` feeds at most every input modality (M; a TiM backbone's TiM modalities count as
+    inputs). Chained ``generate`` feeds the inputs plus
     every output except the last; outputs cannot also be inputs, and only targets with a
     token-embedding graph can be fed back. So the context is at most the union of input
     modalities and feedable targets, minus one when every target is in that union (the last
     output must then come from it). Never less than M. This is at most M + #targets - 1.
     """
     inputs = set(manifest.modalities)
+    if manifest.data.get("tim"):  # a TiM backbone's encoder also reads the modalities it generated
+        inputs |= set(manifest.data["tim"]["modalities"])
     m = len(inputs)
     targets = manifest.targets
     if not targets:  # (coords tokens are counted apart, in dim_ranges)
@@ -102,10 +107,15 @@ def dim_ranges(manifest: Manifest, settings: ProfileSettings) -> dict[str, Range
     k_opt = min(settings.opt_modalities or len(manifest.modalities) or 1, k_max)
     check_range("modalities (k)", (1, k_opt, k_max))
     dims = {"batch": tuple(settings.batch), "num_tokens": (n, n * k_opt, n * k_max)}
+    longest = COORDS.max_length - 1  # three ids: an input's, or a generated span's
     if manifest.coords is not None:
-        longest = COORDS.max_length - 1  # three ids: an input's, or a generated span's
         dims["num_tokens"] = (1, n * k_opt, n * k_max + longest)
         dims["seq_len"] = (1, longest, longest)
+    coords_output = bool(manifest.coords and manifest.coords.output)
+    if manifest.targets or coords_output:
+        # The shared decoder's queries: an image target's N, or a coords sequence of 1 to 3.
+        hi = n if manifest.targets else longest
+        dims["num_queries"] = (1 if coords_output else hi, hi, hi)
     return dims
 
 

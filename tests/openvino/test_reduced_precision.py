@@ -1,0 +1,250 @@
+"""bf16 / fp16 on OpenVINO and int8 exports: the precision checks (against a fake OpenVINO core
+where the hardware lacks bf16), the accuracy gates on real TerraMesh tiles, and an int8 export
+calibrated on a broken tile set that must fail its gate."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tm_runtime import TerraMindRuntime
+from tm_runtime.accuracy import GATES, Gate, accuracy_report, load_tiles, psnr_db, token_cosines
+
+from ..conftest import DATA_DIR
+from .conftest import has_tiles
+
+needs_tiles = pytest.mark.skipif(not has_tiles(), reason=f"TerraMesh tiles not found at {DATA_DIR}")
+
+
+# -- the gate arithmetic -------------------------------------------------------------------------
+def test_gate_figures_on_known_data():
+    a = np.array([[[1.0, 0.0], [0.0, 2.0]]])
+    np.testing.assert_allclose(token_cosines(a, a), [1.0, 1.0])
+    np.testing.assert_allclose(token_cosines(np.array([[1.0, 1.0]]), np.array([[1.0, 0.0]])), [2 ** -0.5])
+    ref = np.linspace(0, 1, 100)
+    assert psnr_db(ref, ref) == float("inf")
+    # noise of RMS 0.01 on a range of 1: 40 dB
+    noisy = ref + 0.01 * np.where(np.arange(100) % 2, 1.0, -1.0)
+    assert psnr_db(noisy, ref) == pytest.approx(40.0, abs=1e-6)
+    assert Gate("x", 0.99, 0.99).passed and not Gate("x", float("nan"), 0.5).passed
+    assert GATES == {"token_cosine_min": 0.99, "token_cosine_mean": 0.999, "argmax_agreement": 0.98,
+                     "psnr_db": 30.0, "lulc_agreement": 0.98}
+
+
+# -- bf16 / fp16 on OpenVINO -----------------------------------------------------------------------
+class FakeCompiled:
+    def __init__(self, precision: str) -> None:
+        self.precision, self.outputs = precision, []
+
+    def get_property(self, name):
+        assert name == "INFERENCE_PRECISION_HINT"
+        return self.precision
+
+
+class FakeCore:
+    """Stands in for openvino.Core: reports capabilities, records what is compiled how."""
+
+    def __init__(self, capabilities, devices=("CPU",), runs_as=None) -> None:
+        self.capabilities, self.available_devices, self.runs_as = capabilities, list(devices), runs_as
+        self.compiled: dict[str, dict] = {}
+
+    def get_property(self, device, name):
+        if name == "OPTIMIZATION_CAPABILITIES":
+            return self.capabilities[device] if isinstance(self.capabilities, dict) else self.capabilities
+        return f"fake {device}"
+
+    def compile_model(self, path, device, config):
+        self.compiled[Path(path).stem] = dict(config, device=device)
+        return FakeCompiled(self.runs_as or config["INFERENCE_PRECISION_HINT"])
+
+
+def _backend(export, core, **options):
+    pytest.importorskip("openvino")
+    from tm_runtime.backends.openvino import OpenVinoBackend, OpenVinoOptions
+    from tm_runtime.manifest import load_manifest
+
+    manifest = load_manifest(export)
+    paths = {n: manifest.graph_path(n) for n in manifest.graphs}
+    return OpenVinoBackend(paths, {n: g.raw for n, g in manifest.graphs.items()},
+                           OpenVinoOptions.parse({"cache_dir": None, **options}), core=core)
+
+
+def test_bf16_compiles_every_graph_bf16_but_the_tokenizer_encoders(all_kinds_export):
+    core = FakeCore(["FP32", "BF16", "INT8"])
+    backend = _backend(all_kinds_export, core, precision="bf16", threads=2)
+    for name in backend._paths:
+        backend.compiled(name)
+    assert backend.fp32_graphs == ["tokenize_DEM", "tokenize_LULC"]
+    for name, config in core.compiled.items():
+        want = "f32" if name.startswith("tokenize_") else "bf16"
+        assert config["INFERENCE_PRECISION_HINT"] == want, name
+        assert config["INFERENCE_NUM_THREADS"] == 2 and "CACHE_DIR" not in config
+
+
+def test_bf16_without_hardware_is_a_clear_error(all_kinds_export):
+    from tm_runtime.backends.openvino import PrecisionUnsupported
+
+    with pytest.raises(PrecisionUnsupported, match=r"'bf16' is not supported here .*AVX512_BF16 or AMX.*"
+                                                   r"no BF16 in OPTIMIZATION_CAPABILITIES.*silently run f32"):
+        _backend(all_kinds_export, FakeCore(["FP32", "INT8"]), precision="bf16")
+    with pytest.raises(PrecisionUnsupported, match="no FP16"):
+        _backend(all_kinds_export, FakeCore(["FP32", "BF16"]), precision="fp16")
+    # AUTO may pick any device: all of them must have it.
+    with pytest.raises(PrecisionUnsupported, match=r"GPU \(fake GPU\) reports FP32"):
+        _backend(all_kinds_export, FakeCore({"CPU": ["BF16"], "GPU": ["FP32"]}, devices=("CPU", "GPU")),
+                 precision="bf16", device="AUTO")
+
+
+def test_a_compiled_model_that_quietly_runs_f32_is_caught(all_kinds_export):
+    from tm_runtime.backends.openvino import PrecisionUnsupported
+
+    backend = _backend(all_kinds_export, FakeCore(["FP32", "BF16"], runs_as="f32"), precision="bf16")
+    with pytest.raises(PrecisionUnsupported, match="asked OpenVINO for bf16, the compiled model runs f32"):
+        backend.compiled("encoder")
+    backend.compiled("tokenize_DEM")  # asked for f32: fine
+
+
+def _real_bf16() -> bool:
+    try:
+        import openvino
+    except ImportError:
+        return False
+    return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def test_bf16_on_this_cpu_is_refused_unless_it_has_bf16(tiny_export):
+    pytest.importorskip("openvino")
+    from tm_runtime.backends.openvino import PrecisionUnsupported
+
+    if _real_bf16():
+        TerraMindRuntime(tiny_export, backend="openvino", backend_options={"precision": "bf16", "cache_dir": None})
+    else:
+        with pytest.raises(PrecisionUnsupported, match="OPTIMIZATION_CAPABILITIES"):
+            TerraMindRuntime(tiny_export, backend="openvino", backend_options={"precision": "bf16"})
+
+
+@needs_tiles
+@pytest.mark.skipif(not _real_bf16(), reason="this CPU has no bf16 (OpenVINO's OPTIMIZATION_CAPABILITIES lacks "
+                                            "BF16: no AVX512_BF16 / AMX)")
+def test_bf16_meets_the_gates_on_real_tiles(all_kinds_export):
+    tiles, _ = load_tiles(DATA_DIR, ["S2L2A"], limit=2)
+    reference = TerraMindRuntime(all_kinds_export)
+    candidate = TerraMindRuntime(all_kinds_export, backend="openvino", backend_options={"precision": "bf16"})
+    report = accuracy_report(reference, candidate, tiles, timesteps=3)
+    assert report["passed"], report["gates"]
+
+
+# -- int8 exports ----------------------------------------------------------------------------------
+# On random weights the decoders' logits are nearly flat, and int8 decoders miss the argmax gate
+# (0.96 to 0.98 agreement): tm-export refuses such an export. The passing case therefore
+# quantises the encoder and the UNet; the decoders are quantised in the failing case below.
+PASSING_FAMILIES = ("encoder", "unet")
+
+
+@pytest.fixture(scope="module")
+def int8_export(all_kinds_export, tmp_path_factory):
+    """The all-kinds export quantised as tm-export --precision int8 does it (same function, on a copy)."""
+    from tm_export.quantize import quantize_export
+
+    work = tmp_path_factory.mktemp("int8") / "work"
+    shutil.copytree(all_kinds_export, work)
+    quantize_export(work, None, DATA_DIR, timesteps=3, families=PASSING_FAMILIES, log=lambda s: None)
+    return work
+
+
+@needs_tiles
+def test_int8_export_passes_its_gates_and_records_them(int8_export, all_kinds_export):
+    onnx = pytest.importorskip("onnx")
+    manifest = json.loads((int8_export / "manifest.json").read_text())
+    assert manifest["precision"] == "int8"
+    precisions = {n: g["precision"] for n, g in manifest["graphs"].items()}
+    int8 = sorted(n for n, p in precisions.items() if p == "int8")
+    assert int8 == ["encoder", "unet_DEM"]
+    assert {precisions[n] for n in ("tokenize_DEM", "tokenize_LULC", "embed_S2L2A", "detokenize_LULC", "decoder",
+                                    "decoder_query_DEM", "decoder_head_DEM", "decoder_head_coords")} == {"fp32"}
+    kept = manifest["quantization"]["kept_fp32"]
+    assert kept["decoder"] == "--int8-graphs left out decoders"
+    assert kept["decoder_head_DEM"].startswith("decoder head") and kept["decoder_query_DEM"].startswith("decoder queries")
+    assert manifest["quantization"]["kept_fp32"]["tokenize_DEM"].startswith("FSQ tokenizer encoder")
+    assert manifest["graphs"]["unet_DEM"]["quantization"]["fp32_output_projections"]  # the last conv
+    gates = manifest["accuracy"]["int8_vs_fp32"]
+    assert gates["passed"] and set(gates["gates"]) >= {"token_cosine_min", "token_cosine_mean", "psnr_db[DEM]",
+                                                       "argmax_agreement[DEM]", "lulc_agreement[LULC]"}
+    assert manifest["quantization"]["calibration"]["used"] is False  # dynamic: ranges per call
+    # int8 weights in the files, fp32 norms/softmax left alone
+    model = onnx.load(str(int8_export / "encoder.onnx"))
+    ops = {n.op_type for n in model.graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger", "Softmax"} <= ops, ops
+    assert "MatMul" in ops  # q k^T and p v: activation products stay fp32
+    assert any(t.data_type == onnx.TensorProto.INT8 for t in model.graph.initializer)
+    # the runtime reads it as it is, checksums included; ids of the fp32 tokenizer unchanged
+    rt, ref = TerraMindRuntime(int8_export), TerraMindRuntime(all_kinds_export)
+    image = np.random.default_rng(0).standard_normal((1, 1, 224, 224)).astype(np.float32)
+    np.testing.assert_array_equal(rt.tokenize("DEM", image), ref.tokenize("DEM", image))
+    assert rt.generate({"S2L2A": load_tiles(DATA_DIR, ["S2L2A"], limit=1)[0]["S2L2A"]}, ["DEM"], timesteps=2,
+                       standardize=True)["DEM"].shape == (1, 1, 224, 224)
+
+
+@needs_tiles
+def test_tm_bench_accuracy_on_an_int8_export(int8_export, all_kinds_export, capsys):
+    from tm_bench.cli import main
+
+    assert main(["accuracy", str(int8_export), "--data", str(DATA_DIR), "--tiles", "1"]) == 2
+    assert "--reference" in capsys.readouterr().err
+    assert main(["accuracy", str(int8_export), "--reference", str(all_kinds_export), "--data", str(DATA_DIR),
+                 "--tiles", "1", "--timesteps", "2"]) == 0
+    assert "all gates: PASS" in capsys.readouterr().out
+
+
+def _broken_tiles(folder: Path, modality: str, count: int = 2) -> Path:
+    """Corrupted tiles (what a misread file looks like: uniform noise over the int16 range): static
+    calibration then sets activation ranges far too wide, and real data keep only a few of the 256
+    levels. (Milder mistakes do not break it: calibrating the encoder on all-zero tiles or on tiles
+    in the wrong units still passed, because every MatMul input sits behind a LayerNorm.)"""
+    tifffile = pytest.importorskip("tifffile")
+    source = DATA_DIR / ("S1RTC" if modality == "S1GRD" else modality)
+    (folder / modality).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for f in sorted(source.glob("*.tif"))[:count]:
+        shape = tifffile.imread(f).shape
+        tifffile.imwrite(folder / modality / f.name, rng.integers(-32768, 32767, shape, dtype=np.int16))
+    return folder
+
+
+@needs_tiles
+@pytest.mark.parametrize("broken", [False, True])
+def test_static_int8_export_fails_its_gate_with_a_broken_calibration_set(tmp_path, capsys, broken):
+    """The same command with the real tiles passes; with the broken set the token cosine gate fails
+    and --out is never written."""
+    from tm_export.cli import main
+
+    calibration = _broken_tiles(tmp_path / "broken", "S1GRD") if broken else DATA_DIR
+    out = tmp_path / "int8"
+    code = main(["--model", "tiny", "--modalities", "S1GRD", "--random-init", "--no-validate", "--precision", "int8",
+                 "--int8-method", "static", "--calibration-data", str(calibration), "--gate-data", str(DATA_DIR),
+                 "--out", str(out)])
+    captured = capsys.readouterr()
+    if not broken:
+        assert code == 0, captured.err
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["graphs"]["encoder"]["precision"] == "int8"
+        assert manifest["quantization"]["calibration"]["used"] and manifest["quantization"]["calibration"]["tiles"]
+        assert manifest["accuracy"]["int8_vs_fp32"]["passed"]
+        return
+    assert code == 1
+    assert "int8 accuracy gate(s) failed: token_cosine_min" in captured.err
+    assert not out.exists() and not list(tmp_path.glob(".int8*"))
+
+
+def test_int8_options_are_checked_before_anything_is_traced(tmp_path, capsys):
+    from tm_export.cli import main
+
+    base = ["--model", "tiny", "--modalities", "S2L2A", "--random-init", "--precision", "int8", "--out"]
+    assert main(base + [str(tmp_path / "a")]) == 1
+    assert "--precision int8 needs --gate-data DIR or --calibration-data DIR" in capsys.readouterr().err
+    assert main(base + [str(tmp_path / "b"), "--calibration-data", str(tmp_path / "nowhere")]) == 1
+    assert "nowhere" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

@@ -1,0 +1,211 @@
+"""Reading terratorch task configs and checkpoints: what is supported parses, everything else is
+refused with the config key (or checkpoint key) that asked for it, and nothing is written."""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+from tm_export.task.checkpoint import CheckpointError, read_task_checkpoint
+from tm_export.task.config import TaskConfigError, parse_task_config
+from tm_export.task.model import build_task_model, expected_keys, load_task_state, randomize_task_model
+
+from .terratorch_side import CONFIGS, load_config
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_official_configs_parse(path):
+    spec = parse_task_config(load_config(path.stem))
+    assert spec.task_type == "segmentation" and spec.decoder == "UNetDecoder"
+    assert [n.name for n in spec.necks] == ["SelectIndices", "ReshapeTokensToImage", "LearnedInterpolateToPyramidal"]
+    assert spec.standardization is not None  # from data:, or the crop datamodule's own statistics
+
+
+def test_what_the_configs_say():
+    floods = parse_task_config(load_config("sen1floods11_base"))
+    assert floods.size == "base" and floods.modalities == ("S2L1C", "S1GRD") and floods.merge_method == "mean"
+    assert floods.class_names == ("Others", "Flood") and floods.decoder_args == {"channels": [512, 256, 128, 64]}
+    assert set(floods.standardization.mean) == {"S2L1C", "S1GRD"}  # the other modalities' stats are not needed
+    burn = parse_task_config(load_config("burnscars_base"))
+    assert burn.bands == {"S2L2A": ["BLUE", "GREEN", "RED", "NIR_NARROW", "SWIR_1", "SWIR_2"]}
+    assert len(burn.standardization.mean["S2L2A"]) == 6
+    crop = parse_task_config(load_config("multitemporal_crop_base"))
+    assert crop.temporal.pooling == "concat" and crop.temporal.n_timestamps == 3 and crop.num_classes == 13
+    assert crop.standardization.mean["S2L2A"][0] == pytest.approx(494.905781)
+    tim = parse_task_config(load_config("tim_lulc_sen1floods11_base"))
+    assert tim.tim == {"modalities": ["LULC"]}
+
+
+def _floods() -> dict:
+    return load_config("sen1floods11_tiny")
+
+
+def _set(config: dict, path: str, value) -> dict:
+    config = copy.deepcopy(config)
+    *parents, last = path.split(".")
+    node = config
+    for key in parents:
+        node = node[key]
+    if value is _DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return config
+
+
+_DELETE = object()
+ARGS = "model.init_args.model_args"
+
+
+@pytest.mark.parametrize("path,value,match", [
+    ("model", _DELETE, "not a terratorch task config: it has no 'model:' section"),
+    ("model.class_path", "terratorch.tasks.ObjectDetectionTask", "model.class_path: .*ObjectDetectionTask"),
+    ("model.init_args.model_factory", "SMPModelFactory", "model.init_args.model_factory"),
+    (f"{ARGS}.backbone", "prithvi_eo_v2_300", f"{ARGS}.backbone: 'prithvi_eo_v2_300' is not supported"),
+    (f"{ARGS}.decoder", "SMPDecoder", f"{ARGS}.decoder: 'SMPDecoder' is not supported"),
+    (f"{ARGS}.decoder_bogus", 1, f"{ARGS}.decoder_bogus: UNetDecoder takes no argument 'bogus'"),
+    (f"{ARGS}.necks", [{"name": "SelectIndices", "indices": [2, 5, 8, 11]}, {"name": "FeaturePyramidNetworkNeck"}],
+     rf"{ARGS}.necks\[1\].name: 'FeaturePyramidNetworkNeck' is not supported"),
+    (f"{ARGS}.backbone_merge_method", "dict", f"{ARGS}.backbone_merge_method: 'dict'"),
+    (f"{ARGS}.backbone_modalities", ["S2L1C", "LULC"], f"{ARGS}.backbone_modalities: 'LULC' is a tokenised input"),
+    (f"{ARGS}.backbone_modalities", ["S2L1C", "S3"], f"{ARGS}.backbone_modalities: unknown modality 'S3'"),
+    (f"{ARGS}.backbone_bands", {"S2L1C": ["BLUE", "PURPLE"]}, f"{ARGS}.backbone_bands.S2L1C: band.* PURPLE"),
+    (f"{ARGS}.backbone_img_size", 256, f"{ARGS}.backbone_img_size: 256 is not supported"),
+    (f"{ARGS}.backbone_use_temporal", True, None),  # fine: mean pooling over any number of dates
+    (f"{ARGS}.peft_config", {"method": "LORA"}, f"{ARGS}.peft_config: not supported"),
+    (f"{ARGS}.num_classes", _DELETE, f"{ARGS}.num_classes: a segmentation task needs a positive integer"),
+    (f"{ARGS}.head_bogus", 0, f"{ARGS}.head_bogus"),
+    ("model.init_args.class_names", ["only one"], "model.init_args.class_names: 1 names for num_classes=2"),
+    ("data.init_args.means.S1GRD", [-12.6], r"data.init_args.means.S1GRD: expected 2 values"),
+    ("data.init_args.stds", _DELETE, "data.init_args.stds: missing"),
+])
+def test_unsupported_configs_name_the_key(path, value, match):
+    config = _set(_floods(), path, value)
+    if match is None:
+        parse_task_config(config)
+        return
+    with pytest.raises(TaskConfigError, match=match):
+        parse_task_config(config)
+
+
+@pytest.mark.parametrize("temporal,match", [
+    ({"backbone_temporal_pooling": "keep"}, "backbone_temporal_pooling: 'keep' is not supported"),
+    ({"backbone_temporal_pooling": "concat"}, "backbone_temporal_n_timestamps: concat pooling needs n_timestamps"),
+    ({"backbone_temporal_pooling": "diff", "backbone_temporal_subset_lengths": [1, 1, 1]},
+     "diff pooling needs exactly two subsets"),
+    ({"backbone_temporal_subset_lengths": [1, 1], "backbone_temporal_n_timestamps": 3}, "sum to 2"),
+])
+def test_unsupported_temporal_settings(temporal, match):
+    config = _floods()
+    config["model"]["init_args"]["model_args"].update({"backbone_use_temporal": True, **temporal})
+    with pytest.raises(TaskConfigError, match=match):
+        parse_task_config(config)
+
+
+def test_tim_task_models_are_refused_for_now(tmp_path):
+    from tm_export.task.export import TaskExportConfig, export_task
+
+    with pytest.raises(TaskConfigError, match="backbone: terramind_v1_base_tim is a TiM backbone"):
+        export_task(TaskExportConfig(CONFIGS / "tim_lulc_sen1floods11_base.yaml", tmp_path / "out", random_init=True))
+    assert not (tmp_path / "out").exists()
+
+
+# ---- checkpoints ----
+@pytest.fixture(scope="module")
+def floods_model():
+    model = build_task_model(parse_task_config(_floods()))
+    randomize_task_model(model, seed=3)
+    return model
+
+
+@pytest.fixture(scope="module")
+def blank_model():
+    """A second model to load into (zeroed before each load); building one takes seconds."""
+    return build_task_model(parse_task_config(_floods()))
+
+
+def task_state(model) -> dict[str, torch.Tensor]:
+    """The task model's state_dict in terratorch's key space (no ``model.`` prefix)."""
+    return {key: module.state_dict()[inner].clone() for key, (module, inner) in expected_keys(model).items()}
+
+
+@pytest.mark.parametrize("layout", ["lightning", "plain_prefixed", "plain"])
+def test_checkpoint_layouts_load(floods_model, blank_model, tmp_path, layout):
+    state = task_state(floods_model)
+    prefixed = {f"model.{k}": v for k, v in state.items()}
+    payload = {"lightning": {"epoch": 3, "global_step": 120, "state_dict": {**prefixed, "criterion.weight":
+                                                                            torch.ones(2)}},
+               "plain_prefixed": prefixed, "plain": state}[layout]
+    path = tmp_path / "weights.ckpt"
+    torch.save(payload, path)
+    loaded, info = read_task_checkpoint(path)
+    assert set(loaded) == set(state)  # prefix off, the loss's buffer dropped
+    fresh = blank_model
+    with torch.no_grad():
+        for tensor in [*fresh.encoder.state_dict().values(), *fresh.head.state_dict().values()]:
+            tensor.zero_()
+    load_task_state(fresh, loaded, str(path))
+    assert torch.equal(fresh.head.state_dict()["head.head.2.weight"], state["head.head.2.weight"])
+    key = "encoder.encoder.11.mlp.fc2.weight"
+    assert torch.equal(fresh.encoder.state_dict()[key[len("encoder."):]], state[key])
+    assert info["format"] == ("lightning" if layout == "lightning" else "torch")
+
+
+class _Payload:
+    """Unpickling this runs os.system: a checkpoint that carries code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_with_code_is_refused_and_never_run(tmp_path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"model.head.head.2.bias": torch.zeros(2)}, "hook": _Payload(marker)}, path)
+    with pytest.raises(CheckpointError, match="refusing to load.*could execute code"):
+        read_task_checkpoint(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda s: s.pop("head.head.2.bias"), "missing key model.head.head.2.bias"),
+    (lambda s: s.update({"neck.2.fpn5.weight": torch.zeros(1)}), "unexpected key model.neck.2.fpn5.weight"),
+    (lambda s: s.update({"head.head.2.weight": torch.zeros(5, 32, 1, 1)}),
+     r"model.head.head.2.weight has shape \(5, 32, 1, 1\), the config builds \(2, 32, 1, 1\)"),
+    (lambda s: s.update({"aux_heads.x.0.weight": torch.zeros(1)}), "auxiliary heads"),
+])
+def test_checkpoints_that_do_not_match_the_config(floods_model, edit, match):
+    state = task_state(floods_model)
+    edit(state)
+    with pytest.raises(TaskConfigError, match=match):  # checked before anything is loaded
+        load_task_state(floods_model, state, "ckpt")
+
+
+def test_a_backbone_checkpoint_is_not_a_task_checkpoint(tmp_path):
+    path = tmp_path / "TerraMind_v1_tiny.pt"
+    torch.save({"encoder_embeddings.untok_sen2l2a@224.mod_emb": torch.zeros(1, 1, 192)}, path)
+    with pytest.raises(CheckpointError, match="is not part of a terratorch task model"):
+        read_task_checkpoint(path)
+
+
+def test_cli_reports_a_mismatched_checkpoint_and_writes_nothing(floods_model, tmp_path, capsys):
+    from tm_export.cli import main
+
+    config = _set(_floods(), f"{ARGS}.num_classes", 5)
+    config = _set(config, "model.init_args.class_names", [str(i) for i in range(5)])
+    import yaml
+
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    torch.save({f"model.{k}": v for k, v in task_state(floods_model).items()}, tmp_path / "w.ckpt")
+    out = tmp_path / "out"
+    assert main(["--task-config", str(tmp_path / "c.yaml"), "--ckpt", str(tmp_path / "w.ckpt"),
+                 "--out", str(out)]) == 1
+    assert "model.head.head.2.weight has shape (2, 32, 1, 1)" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
+    assert main(["--task-config", str(tmp_path / "c.yaml"), "--model", "tiny", "--out", str(out)]) == 1
+    assert "--model cannot be combined with --task-config" in capsys.readouterr().err

@@ -1,0 +1,81 @@
+"""Read what ``terratorch fit`` writes, without ever executing code from the file.
+
+A Lightning checkpoint (``*.ckpt``: a pickle whose ``state_dict`` holds the task's weights under
+``model.``) or a plain state_dict of the task model, with or without that prefix; ``.safetensors``
+too. Pickles are read with ``torch.load(weights_only=True)``, whose unpickler only rebuilds
+tensors and plain containers: a file that needs anything else is refused, never run.
+"""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+
+TASK_PARTS = ("encoder", "neck", "decoder", "head", "aux_heads")
+
+
+class CheckpointError(RuntimeError):
+    """The checkpoint cannot be read safely, or does not hold a task model's weights."""
+
+
+def _load_pickle(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # weights_only refuses any global outside its allow-list (e.g. os.system, a custom class).
+        detail = str(exc).split("Unsupported global:")[-1].strip().splitlines()[0] if "Unsupported global" in str(exc) \
+            else str(exc).splitlines()[0]
+        raise CheckpointError(
+            f"{path}: refusing to load: the pickle needs Python objects beyond tensors and plain containers "
+            f"({detail}); unpickling it could execute code from the file. If you trust the file, re-save its "
+            "weights alone: torch.save(torch.load(PATH, weights_only=False)['state_dict'], 'weights.pt')"
+        ) from None
+    except Exception as exc:  # torch raises several types for files that are not checkpoints
+        raise CheckpointError(f"{path}: not a torch checkpoint ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+
+def read_task_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(task-model state_dict with keys ``encoder.* / neck.* / decoder.* / head.*``, facts about the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    info: dict = {}
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        raw: object = load_file(str(path))
+        info["format"] = "safetensors"
+    else:
+        raw = _load_pickle(path)
+        info["format"] = "torch"
+    if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
+        info["format"] = "lightning"
+        for key in ("epoch", "global_step", "pytorch-lightning_version"):
+            if isinstance(raw.get(key), (int, str)):
+                info[key.replace("-", "_")] = raw[key]
+        raw = raw["state_dict"]
+    if not isinstance(raw, dict) or not raw:
+        raise CheckpointError(f"{path}: holds a {type(raw).__name__}, not a state_dict of a task model")
+    bad = [k for k, v in raw.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: entry {bad[0]!r} is not a tensor; expected a state_dict")
+    return strip_prefix(raw, str(path)), info
+
+
+def strip_prefix(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """Lightning's ``model.`` prefix off; keys must then start with a PixelWiseModel part.
+
+    Beside ``model.*`` a task's state_dict may hold training-only buffers (a weighted loss's
+    ``criterion.weight``); those are dropped.
+    """
+    if any(k.startswith("model.") for k in state):
+        state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    stray = [k for k in state if k.split(".", 1)[0] not in TASK_PARTS]
+    if stray:
+        raise CheckpointError(
+            f"{source}: key {stray[0]!r} is not part of a terratorch task model (expected 'model.encoder.*', "
+            "'model.neck.*', 'model.decoder.*', 'model.head.*', with or without the 'model.' prefix); is this a "
+            "fine-tuned task checkpoint?")
+    return state

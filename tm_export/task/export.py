@@ -1,0 +1,154 @@
+"""``tm-export --task-config CONFIG.yaml --ckpt CHECKPOINT --out DIR``: a fine-tuned terratorch
+task model as graphs.
+
+Graphs: ``embed_<modality>`` and ``encoder`` exactly as a backbone export has them (so ``embed``
+works on a fine-tuned export, with the fine-tuned weights), plus ``head``: necks, decoder and
+head in one graph, fed the selected encoder layers after the host has merged modalities and
+pooled dates. The manifest's ``task`` section holds what ``predict`` needs (see
+``tm_runtime.task``). Written through the same temp-dir-then-rename path as every export.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tm_runtime.manifest import sha256_file
+from tm_runtime.modalities import get_modality
+
+from ..export import ExportConfig, ExportError, _manifest, write_export
+from ..graphs import BATCH, GraphSpec, TensorDecl, embedding_specs, encoder_spec
+from ..precision import check_precision
+from .checkpoint import read_task_checkpoint
+from .config import TaskConfigError, TaskSpec, load_yaml, parse_task_config
+from .model import TaskModel, build_task_model, load_task_state, randomize_task_model
+
+HEAD_GRAPH = "head"
+TASK_CONFIG_FILE = "task_config.yaml"
+FORMAT = "tm-deploy-task"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class TaskExportConfig:
+    task_config: Path
+    out: Path
+    ckpt: Path | None = None
+    random_init: bool = False  # seeded random weights instead of --ckpt (tests, benchmarks)
+    seed: int = 0
+    image_size: int = 224
+    opset: int = 17
+    precision: str = "fp32"
+    simplify: bool = True
+    validate: bool = True
+    max_rel_error: float | None = None
+    overwrite: bool = False
+
+    def graph_config(self, spec: TaskSpec) -> ExportConfig:
+        """The settings ``export_graph`` and the base manifest read."""
+        return ExportConfig(size=spec.size, modalities=list(spec.modalities), out=Path(self.out),
+                            bands=dict(spec.bands), image_size=self.image_size, opset=self.opset,
+                            precision=self.precision, simplify=self.simplify, validate=self.validate,
+                            max_rel_error=self.max_rel_error, overwrite=self.overwrite,
+                            random_init=self.random_init, seed=self.seed, ckpt=self.ckpt)
+
+
+def head_output_name(spec: TaskSpec) -> str:
+    return "logits" if spec.task_type == "segmentation" else "values"
+
+
+def head_spec(model: TaskModel) -> GraphSpec:
+    head = model.head
+    tokens = head.grid[0] * head.grid[1]
+    channels = head.input_channels
+
+    def sample(batch: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+        return tuple(torch.randn(batch, tokens, c, generator=gen) for c in channels)
+
+    seg = model.spec.task_type == "segmentation"
+    return GraphSpec(
+        name=HEAD_GRAPH, module=head,
+        inputs=[TensorDecl(f"features_{i}", "float32", (BATCH, tokens, c)) for i, c in enumerate(channels)],
+        outputs=[TensorDecl(head_output_name(model.spec), "float32", (BATCH, *head.output_shape))],
+        sample=sample,
+        extra={"role": "task_head", "layers": list(head.layers), **({"argmax_axis": 1} if seg else {})},
+    )
+
+
+def task_section(spec: TaskSpec, model: TaskModel, image_size: int) -> dict:
+    """The manifest's ``task``: everything ``predict`` needs beyond the graphs."""
+    bands = {m: list(spec.bands.get(m, get_modality(m).bands)) for m in spec.modalities}
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "type": spec.task_type, "task_class": spec.task_class,
+        "num_classes": spec.num_classes, "num_outputs": spec.num_outputs,
+        "class_names": list(spec.class_names) if spec.class_names else None,
+        "modalities": list(spec.modalities), "bands": bands,
+        "merge_method": spec.merge_method,
+        "layers": list(model.layers),
+        "encoder_graph": "encoder", "head_graph": HEAD_GRAPH,
+        "head_inputs": [f"features_{i}" for i in range(len(model.layers))],
+        "head_output": head_output_name(spec), "output_shape": list(model.head.output_shape),
+        "image_size": image_size,
+        "standardization": spec.standardization.to_json() if spec.standardization else None,
+        "temporal": spec.temporal.to_json() if spec.temporal else None,
+        # Filled by TiM task exports: the frozen generation encoder/decoder and the TiM modalities.
+        "tim": None,
+        "tiled_inference": spec.tiled_inference,
+        "config": {"file": TASK_CONFIG_FILE, "backbone": spec.backbone, "necks": [n.name for n in spec.necks],
+                   "decoder": spec.decoder, "decoder_args": spec.decoder_args, "head_args": spec.head_args,
+                   "rescale": spec.rescale, "image_size_out": list(spec.image_size_out) if spec.image_size_out
+                   else None},
+    }
+
+
+def prepare_task_model(config: TaskExportConfig, log: Callable[[str], None] = print) -> tuple[TaskModel, dict]:
+    """Parse the config, build the reference and load the weights (or randomise them)."""
+    spec = parse_task_config(load_yaml(config.task_config), source=str(config.task_config))
+    if spec.tim is not None:
+        raise TaskConfigError(f"model.init_args.model_args.backbone: {spec.backbone} is a TiM backbone; fine-tuned "
+                              "TiM task models are not exported yet")
+    model = build_task_model(spec, config.image_size)
+    if config.random_init:
+        randomize_task_model(model, config.seed)
+        log(f"WARNING: RANDOM WEIGHTS (--random-init --seed {config.seed}): outputs are meaningless; "
+            "for tests and benchmarks only")
+        return model, {"random_init": True, "seed": config.seed, "source": "random-init"}
+    if config.ckpt is None:
+        raise ExportError("--task-config needs --ckpt CHECKPOINT (what terratorch fit wrote), or --random-init")
+    log(f"weights: {config.ckpt}")
+    state, facts = read_task_checkpoint(config.ckpt)
+    load_task_state(model, state, str(config.ckpt))
+    return model, {"random_init": False, "source": "file", "file": Path(config.ckpt).name,
+                   "sha256": sha256_file(config.ckpt), "task_checkpoint": facts}
+
+
+def export_task(config: TaskExportConfig, log: Callable[[str], None] = print) -> dict:
+    """Export the task model of ``config.task_config`` into ``config.out``; returns the manifest."""
+    out = Path(config.out)
+    if out.exists() and not config.overwrite:
+        raise ExportError(f"{out} already exists; pass --overwrite to replace it")
+    check_precision(config.precision)
+    if config.precision == "int8":
+        # int8 calibrates and gates through embed/generate on tiles; a task head has no gate yet.
+        raise ExportError("--precision int8 is not supported with --task-config yet; export fp32 (or fp16) and "
+                          "run it on OpenVINO (bf16) for reduced precision")
+    start = time.perf_counter()
+    model, weights = prepare_task_model(config, log)
+    spec = model.spec
+    graph_config = config.graph_config(spec)
+    specs = embedding_specs(model.encoder) + [encoder_spec(model.encoder), head_spec(model)]
+
+    def make_manifest(graphs: dict, files: dict) -> dict:
+        manifest = _manifest(graph_config, model.encoder, weights, graphs, None, files)
+        manifest["task"] = task_section(spec, model, config.image_size)
+        return manifest
+
+    manifest = write_export(out, specs, graph_config, make_manifest, log,
+                            {"task_config": (Path(config.task_config), TASK_CONFIG_FILE)})
+    log(f"wrote {len(specs)} graphs ({spec.task_type} task, {spec.backbone}) to {out} in "
+        f"{time.perf_counter() - start:.1f}s")
+    return manifest

@@ -1,0 +1,295 @@
+"""OpenVINO backend: the export's ONNX graphs as they are, compiled once each by OpenVINO.
+
+``run(name, feeds, outputs) -> list[np.ndarray]`` like ``OrtBackend``. Every graph is compiled on
+first use (under a lock, so concurrent callers compile it once) with OpenVINO's model cache
+(``CACHE_DIR``): a second process loads the compiled blob instead of converting and compiling the
+ONNX file again. Each calling thread gets its own infer request per graph (an infer request is not
+safe to share between threads; a compiled model is).
+
+Precision is a request to the device (``INFERENCE_PRECISION_HINT``). OpenVINO quietly runs f32 when
+the hardware lacks what was asked for; this backend does not: ``bf16`` / ``fp16`` are checked
+against the device's ``OPTIMIZATION_CAPABILITIES`` before anything is compiled, and the compiled
+model's precision is read back afterwards. Graphs whose outputs are rounded to integers (the FSQ
+tokenizer encoders: ``quant`` and ``ids``) always run in f32: a value next to an FSQ rounding
+boundary moves to the neighbouring level under bf16's 8-bit mantissa, which changes the token ids.
+
+Needs ``openvino`` (``pip install 'tm-deploy[openvino]'``); imported only when this backend is chosen.
+"""
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEVICES = ("CPU", "GPU", "NPU", "AUTO")
+PRECISIONS = ("fp32", "bf16", "fp16")
+OPTIONS = ("device", "precision", "threads", "cache_dir")
+# OpenVINO's names for our precisions: the hint value and the capability a device must report.
+_HINT = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+_CAPABILITY = {"bf16": "BF16", "fp16": "FP16"}
+# Roles (manifest ``role``) of graphs that always run in f32; graphs with integer outputs do too.
+FP32_ROLES = ("tokenizer_encoder",)
+
+
+class OpenVinoError(RuntimeError):
+    """OpenVINO is missing, an option is invalid, or a graph could not be compiled."""
+
+
+class PrecisionUnsupported(OpenVinoError):
+    """The device cannot compute in the requested precision (OpenVINO would silently use f32)."""
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "tm-deploy" / "openvino"
+
+
+@dataclass(frozen=True)
+class OpenVinoOptions:
+    """``backend_options`` of ``TerraMindRuntime(..., backend="openvino")``.
+
+    device: "CPU" | "GPU" | "NPU" | "AUTO" (a numbered device such as "GPU.1" too).
+    precision: "fp32" | "bf16" | "fp16" for every graph except those that must stay fp32.
+    threads: inference threads per compiled graph (default: OpenVINO's choice).
+    cache_dir: OpenVINO's model cache (default ``~/.cache/tm-deploy/openvino``); None/"" turns it off.
+    """
+
+    device: str = "CPU"
+    precision: str = "fp32"
+    threads: int | None = None
+    cache_dir: Path | None = None
+
+    @classmethod
+    def parse(cls, options: Mapping[str, Any], threads: int | None = None) -> "OpenVinoOptions":
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            raise ValueError(f"backend_options for 'openvino' takes {', '.join(OPTIONS)}; unknown: {', '.join(unknown)}")
+        device = str(options.get("device", "CPU"))
+        if device.split(".")[0].upper() not in DEVICES:
+            raise ValueError(f"openvino device must be one of {', '.join(DEVICES)} (or e.g. GPU.1), got {device!r}")
+        device = device.upper()
+        precision = options.get("precision", "fp32")
+        if precision not in PRECISIONS:
+            raise ValueError(f"openvino precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        threads = options.get("threads", threads)
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"openvino threads must be a positive int, got {threads!r}")
+        if "cache_dir" in options:
+            raw = options["cache_dir"]
+            cache = Path(raw) if raw else None
+        else:
+            cache = default_cache_dir()
+        return cls(device, precision, threads, cache)
+
+
+def _import_openvino():
+    try:
+        import openvino
+    except ImportError as exc:
+        raise OpenVinoError("backend='openvino' needs the openvino package: pip install 'tm-deploy[openvino]'") from exc
+    return openvino
+
+
+def keeps_fp32(entry: Mapping[str, Any]) -> bool:
+    """Whether a manifest graph entry must run in f32 whatever the requested precision."""
+    if entry.get("role") in FP32_ROLES:
+        return True
+    return any(not str(o.get("dtype", "float32")).startswith("float") for o in entry.get("outputs", ()))
+
+
+def device_capabilities(core: Any, device: str) -> set[str]:
+    try:
+        return {str(c).upper() for c in core.get_property(device, "OPTIMIZATION_CAPABILITIES")}
+    except RuntimeError:
+        return set()
+
+
+def check_device(core: Any, device: str) -> None:
+    available = list(core.available_devices)
+    if device != "AUTO" and device not in available and device.split(".")[0] not in {d.split(".")[0] for d in available}:
+        raise OpenVinoError(f"OpenVINO device {device} is not available here (available: {', '.join(available) or 'none'})")
+
+
+def check_precision_support(core: Any, device: str, precision: str) -> None:
+    """Raise ``PrecisionUnsupported`` unless every device that may run the graphs computes in
+    ``precision`` (for AUTO: every available device, since AUTO may pick any of them)."""
+    if precision == "fp32":
+        return
+    wanted = _CAPABILITY[precision]
+    devices = list(core.available_devices) if device == "AUTO" else [device]
+    lacking = {d: sorted(device_capabilities(core, d)) for d in devices if wanted not in device_capabilities(core, d)}
+    if lacking:
+        what = "; ".join(f"{d} ({_full_name(core, d)}) reports {', '.join(caps) or 'nothing'}"
+                         for d, caps in lacking.items())
+        hint = " (bf16 needs AVX512_BF16 or AMX on an Intel/AMD CPU)" if precision == "bf16" else ""
+        raise PrecisionUnsupported(
+            f"precision {precision!r} is not supported here{hint}: {what}, no {wanted} in OPTIMIZATION_CAPABILITIES. "
+            f"OpenVINO would silently run f32; use precision='fp32' (or an int8 export) on this machine")
+
+
+def _full_name(core: Any, device: str) -> str:
+    try:
+        return str(core.get_property(device, "FULL_DEVICE_NAME"))
+    except RuntimeError:
+        return device
+
+
+_UNCONVERTED = re.compile(r"(?:No conversion rule found for operations|Failed to convert operations?|"
+                          r"not supported(?: operations)?)\s*:\s*([^\n]+)", re.IGNORECASE)
+
+
+def unsupported_operators(message: str) -> list[str]:
+    """Operator names out of OpenVINO's conversion report ("No conversion rule found for operations: a, b")."""
+    found: list[str] = []
+    for match in _UNCONVERTED.finditer(message):
+        found += [op.strip() for op in match.group(1).split(",") if op.strip()]
+    return list(dict.fromkeys(found))
+
+
+class OpenVinoBackend:
+    """Compiles graphs on first use; ``run`` is safe to call from several threads at once."""
+
+    def __init__(self, graph_paths: Mapping[str, Path], graph_entries: Mapping[str, Mapping[str, Any]] | None = None,
+                 options: OpenVinoOptions | None = None, core: Any = None) -> None:
+        self.options = options or OpenVinoOptions()
+        self._paths = dict(graph_paths)
+        entries = graph_entries or {}
+        self.fp32_graphs = sorted(n for n in self._paths if keeps_fp32(entries.get(n, {})))
+        if core is None:
+            core = _import_openvino().Core()
+        self.core = core
+        check_device(core, self.options.device)
+        check_precision_support(core, self.options.device, self.options.precision)
+        if self.options.cache_dir is not None:
+            self.options.cache_dir.mkdir(parents=True, exist_ok=True)
+        self._compiled: dict[str, Any] = {}
+        self._outputs: dict[str, dict[str, int]] = {}
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self.session_seconds: dict[str, float] = {}  # compile (or cache load) time per graph
+
+    def precision_of(self, name: str) -> str:
+        return "fp32" if name in self.fp32_graphs else self.options.precision
+
+    def compile_config(self, name: str) -> dict[str, Any]:
+        """The properties ``name`` is compiled with."""
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": _HINT[self.precision_of(name)],
+                                  "PERFORMANCE_HINT": "LATENCY"}
+        if self.options.threads and self.options.device.startswith("CPU"):
+            config["INFERENCE_NUM_THREADS"] = self.options.threads
+        if self.options.cache_dir is not None:
+            config["CACHE_DIR"] = str(self.options.cache_dir)
+        return config
+
+    def compiled(self, name: str) -> Any:
+        model = self._compiled.get(name)
+        if model is not None:
+            return model
+        with self._lock:
+            model = self._compiled.get(name)
+            if model is None:
+                if name not in self._paths:
+                    raise KeyError(f"graph {name!r} is not in this export ({', '.join(self._paths)})")
+                start = time.perf_counter()
+                model = self._compile(name)
+                self.session_seconds[name] = time.perf_counter() - start
+                self._outputs[name] = {n: i for i, port in enumerate(model.outputs) for n in port.get_names()}
+                self._compiled[name] = model
+        return model
+
+    @classmethod
+    def from_manifest(cls, graph_paths: Mapping[str, Path], manifest: Any, options: Mapping[str, Any],
+                      threads: int | None = None) -> "OpenVinoBackend":
+        """The runtime's entry point: ``backend_options`` checked, graph roles from the manifest."""
+        parsed = OpenVinoOptions.parse(options, threads)
+        return cls(graph_paths, {name: g.raw for name, g in manifest.graphs.items()}, parsed)
+
+    # ``session`` is what tm-bench calls to create engines before timing.
+    session = compiled
+
+    def _compile(self, name: str) -> Any:
+        path, device, config = self._paths[name], self.options.device, self.compile_config(name)
+        try:
+            model = self.core.compile_model(str(path), device, config)
+        except RuntimeError as exc:
+            raise self._compile_error(name, path, exc) from exc
+        self._check_precision(name, model)
+        return model
+
+    def _compile_error(self, name: str, path: Path, exc: Exception) -> OpenVinoError:
+        message = str(exc)
+        ops = unsupported_operators(message)
+        if not ops:
+            ops = self._unsupported_on_device(path)
+        what = f"unsupported operator(s): {', '.join(ops)}" if ops else f"OpenVINO said: {message.strip()}"
+        return OpenVinoError(f"graph {name!r} ({Path(path).name}) cannot be compiled by OpenVINO for "
+                             f"{self.options.device}: {what}")
+
+    def _unsupported_on_device(self, path: Path) -> list[str]:
+        """Ops the device plugin rejects (the model converted, the device cannot run all of it)."""
+        try:
+            model = self.core.read_model(str(path))
+            supported = self.core.query_model(model, self.options.device)
+            return sorted({f"{op.get_type_name()} ({op.get_friendly_name()})" for op in model.get_ops()
+                           if op.get_friendly_name() not in supported
+                           and op.get_type_name() not in ("Parameter", "Result", "Constant")})
+        except Exception:
+            return []
+
+    def _check_precision(self, name: str, model: Any) -> None:
+        """The compiled model must compute in what was asked for (CPU reports it back)."""
+        wanted = self.precision_of(name)
+        if wanted == "fp32" or not self.options.device.startswith("CPU"):
+            return
+        try:
+            got = str(model.get_property("INFERENCE_PRECISION_HINT"))
+        except RuntimeError:
+            return
+        if _HINT[wanted] not in got.lower():
+            raise PrecisionUnsupported(f"graph {name!r}: asked OpenVINO for {wanted}, the compiled model runs {got}")
+
+    def _request(self, name: str) -> Any:
+        requests = getattr(self._local, "requests", None)
+        if requests is None:
+            requests = self._local.requests = {}
+        request = requests.get(name)
+        if request is None:
+            request = requests[name] = self.compiled(name).create_infer_request()
+        return request
+
+    def run(self, name: str, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[np.ndarray]:
+        model = self.compiled(name)
+        request = self._request(name)
+        request.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()})
+        index = self._outputs[name]
+        wanted = outputs if outputs is not None else [next(iter(p.get_names())) for p in model.outputs]
+        missing = [o for o in wanted if o not in index]
+        if missing:
+            raise KeyError(f"graph {name!r} has no output(s) {missing} (outputs: {', '.join(index)})")
+        # Copies: the request's buffers are reused by its next call.
+        return [np.array(request.get_output_tensor(index[o]).data) for o in wanted]
+
+    def describe(self) -> dict[str, Any]:
+        """Facts for benchmarks and reports."""
+        core = self.core
+        device = self.options.device
+        return {"device": device, "full_device_name": _full_name(core, device),
+                "optimization_capabilities": sorted(device_capabilities(core, device)),
+                "precision": self.options.precision, "fp32_graphs": self.fp32_graphs,
+                "threads": self.options.threads,
+                "cache_dir": str(self.options.cache_dir) if self.options.cache_dir else None,
+                "openvino": _openvino_version()}
+
+
+def _openvino_version() -> str:
+    try:
+        return _import_openvino().__version__
+    except OpenVinoError:
+        return "not installed"
