@@ -1,5 +1,6 @@
-"""Stand-ins for the scene tests: a task runtime with ``rt.predict`` / ``rt.task`` (the fine-tuned
-task models land separately) and helpers that write synthetic georeferenced scenes."""
+"""Stand-ins for the scene tests: a cheap task runtime with ``rt.predict`` / ``rt.task`` (a
+deterministic window function, so that tiling, blending and I/O tests need no export; the real
+task export is tested in test_predict_task.py) and helpers that write synthetic georeferenced scenes."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,15 +27,18 @@ class FakeTaskRuntime:
                  task_type: str = "segmentation") -> None:
         rng = np.random.default_rng(seed)
         self.task = SimpleNamespace(num_classes=num_classes, class_names=[f"class {i}" for i in range(num_classes)],
-                                    type=task_type, modalities=list(modalities))
+                                    type=task_type, modalities=list(modalities), num_channels=num_classes,
+                                    merge_method="mean", bands=None, standardization=None, temporal=None,
+                                    tiled_inference=None)
         self.weights = {m: (rng.standard_normal((num_classes, get_modality(m).num_channels)) / 3000).astype(np.float32)
                         for m in modalities}
         self.calls = 0
         self.fail_after = fail_after
 
     def predict(self, inputs, standardize=True, output="logits"):
-        assert output == "logits" and standardize
+        assert output == "logits"
         self.calls += 1
+        self.last_inputs, self.last_standardize = inputs, standardize
         if self.fail_after is not None and self.calls > self.fail_after:
             raise RuntimeError("model failure (injected)")
         return window_function(self.weights, inputs)

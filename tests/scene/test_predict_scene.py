@@ -191,8 +191,12 @@ def test_no_overwrite_unreadable_input_and_failures_leave_nothing(s2_scene, tmp_
 
 def test_wrong_inputs_for_the_task(s2_scene, tmp_path):
     path, _ = s2_scene
-    with pytest.raises(ValueError, match="takes S2L2A, S1GRD"):
-        predict_scene(FakeTaskRuntime(("S2L2A", "S1GRD")), {"S2L2A": path}, tmp_path / "m.tif")
+    concat = FakeTaskRuntime(("S2L2A", "S1GRD"))
+    concat.task.merge_method = "concat"  # 'mean' takes any of its modalities, 'concat' needs them all
+    with pytest.raises(ValueError, match="takes all of S2L2A, S1GRD"):
+        predict_scene(concat, {"S2L2A": path}, tmp_path / "m.tif")
+    with pytest.raises(ValueError, match="takes one or more of S1GRD .*got inputs S2L2A"):
+        predict_scene(FakeTaskRuntime(("S1GRD",)), {"S2L2A": path}, tmp_path / "m.tif")
     with pytest.raises(ValueError, match="crop .*image size"):
         predict_scene(FakeTaskRuntime(), {"S2L2A": path}, tmp_path / "m.tif", tiling=TilingParams(crop=256))
     with pytest.raises(ValueError, match="regression"):
@@ -228,3 +232,38 @@ def test_memory_held_does_not_grow_with_scene_height(tmp_path):
         with rasterio.open(tmp_path / f"m_{height}.tif") as out:
             assert out.shape == (height, 230)
     assert held[300] == held[1500] <= 224 * 230 * (2 * 4 + 4 + 1)
+
+
+def test_nodata_fill_is_what_standardises_to_zero(tmp_path):
+    """Nodata pixels reach the model as the task config's means (standardize=True) or as 0 (inputs
+    already standardised), so that they are neutral after standardisation."""
+    array = s2_array(150, 160, seed=13).astype(np.float32)
+    array[:, 40:60, 50:70] = np.nan
+    path = write_scene(tmp_path / "s2.tif", array)
+    rt = FakeTaskRuntime()
+    means = np.arange(12, dtype=np.float32) * 100 + 7
+    rt.task.standardization = {"S2L2A": (means, np.ones(12, np.float32))}
+    predict_scene(rt, {"S2L2A": path}, tmp_path / "a.tif")
+    hole = rt.last_inputs["S2L2A"][0][:, 8 + 45, 8 + 55]  # inside the hole (windows start at -delta)
+    assert rt.last_standardize and np.array_equal(hole, means)
+    predict_scene(rt, {"S2L2A": path}, tmp_path / "b.tif", standardize=False)
+    assert not rt.last_standardize and not rt.last_inputs["S2L2A"][0][:, 8 + 45, 8 + 55].any()
+
+
+def test_task_tiling_parameters_are_the_defaults(s2_scene, tmp_path):
+    """A task config's tiled_inference_parameters (terratorch's keywords) set predict's windows;
+    what the caller gives changes only those settings."""
+    path, array = s2_scene
+    rt = FakeTaskRuntime()
+    rt.task.tiled_inference = {"h_crop": 224, "w_crop": 224, "stride": 160, "delta": 16, "batch_size": 3}
+    summary = predict_scene(rt, {"S2L2A": path}, tmp_path / "a.tif", output="logits")
+    assert (summary["tiling"]["stride"], summary["tiling"]["delta"], summary["tiling"]["batch_size"]) == (160, 16, 3)
+    with rasterio.open(tmp_path / "a.tif") as out:
+        np.testing.assert_allclose(out.read(), _terratorch_logits(rt, {"S2L2A": array}, stride=160, delta=16),
+                                   rtol=0, atol=1e-4)
+    summary = predict_scene(rt, {"S2L2A": path}, tmp_path / "b.tif", tiling={"batch_size": 8, "padding": None})
+    assert summary["tiling"]["stride"] == 160 and summary["tiling"]["batch_size"] == 8
+    assert summary["tiling"]["padding"] is None
+    rt.task.tiled_inference = {"h_crop": 224, "w_crop": 256}
+    with pytest.raises(ValueError, match="h_crop .*w_crop .*square"):
+        predict_scene(rt, {"S2L2A": path}, tmp_path / "c.tif")

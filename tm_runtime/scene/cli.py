@@ -55,15 +55,16 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodata", action="append", metavar="MOD=VALUE", help="treat VALUE as nodata (overrides the file)")
     p.add_argument("--resampling", action="append", metavar="MOD=METHOD",
                    help="resampling onto the first input's grid (default bilinear; nearest for class maps)")
-    t = p.add_argument_group("windows (terratorch's tiled inference; same defaults)")
-    t.add_argument("--crop", type=_positive, default=224, help="window size in pixels (default 224 = the export's)")
-    t.add_argument("--stride", type=_positive, default=192, help="step between windows (default 192)")
-    t.add_argument("--delta", type=_non_negative, default=8, help="pixels dropped at each window edge (default 8)")
+    t = p.add_argument_group("windows (terratorch's tiled inference and defaults; predict: the task config's "
+                             "tiled_inference_parameters first)")
+    t.add_argument("--crop", type=_positive, default=None, help="window size in pixels (default 224 = the export's)")
+    t.add_argument("--stride", type=_positive, default=None, help="step between windows (default 192)")
+    t.add_argument("--delta", type=_non_negative, default=None, help="pixels dropped at each window edge (default 8)")
     t.add_argument("--no-blend", action="store_true", help="no cosine weighting of the overlaps (blend_overlaps=False)")
     t.add_argument("--no-average", action="store_true",
                    help="no averaging of overlaps: the last window in terratorch's order wins (average_patches=False)")
-    t.add_argument("--padding", default="reflect", help="reflect | replicate | constant | none (default reflect)")
-    t.add_argument("--batch", type=_positive, default=16, help="windows per model call (default 16)")
+    t.add_argument("--padding", default=None, help="reflect | replicate | constant | none (default reflect)")
+    t.add_argument("--batch", type=_positive, default=None, help="windows per model call (default 16)")
     o = p.add_argument_group("outputs")
     o.add_argument("--cog", action="store_true", help="write Cloud-Optimized GeoTIFFs (with overviews)")
     o.add_argument("--quicklook", nargs="?", const=True, default=False, metavar="PNG",
@@ -127,10 +128,15 @@ def _bands(items) -> dict[str, list[str]]:
 def run(args: argparse.Namespace) -> dict:
     from .pipeline import embed_scene, generate_scene, predict_scene
     from .ray_executor import RayExecutor, RuntimeFactory
-    from .tiling import TilingParams
 
-    tiling = TilingParams(args.crop, args.stride, args.delta, not args.no_blend, not args.no_average,
-                          None if args.padding.lower() in ("none", "false") else args.padding, args.batch)
+    tiling = {key: value for key, value in (("crop", args.crop), ("stride", args.stride), ("delta", args.delta),
+                                            ("batch_size", args.batch)) if value is not None}
+    if args.padding is not None:
+        tiling["padding"] = None if args.padding.lower() in ("none", "false") else args.padding
+    if args.no_blend:
+        tiling["blend_overlaps"] = False
+    if args.no_average:
+        tiling["average_patches"] = False
     options = _pairs(args.backend_option, "--backend-option")
     if args.precision:
         if args.backend == "ort":

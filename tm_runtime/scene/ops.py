@@ -63,17 +63,24 @@ class OutputSpec:
         return out
 
 
-def _modality_spec(rt, name: str, task_bands: Mapping[str, Sequence[str]] | None = None):
-    """Band names, the complete band list and the nodata fill of one input, from the export."""
+def _modality_spec(rt, name: str, task_bands: Mapping[str, Sequence[str]] | None = None, standardize: bool = True,
+                   means: Mapping[str, Sequence[float]] | None = None) -> ModalitySpec:
+    """Band names, the complete band list and the nodata fill of one input, from the export.
+
+    The fill is what standardises to zero: the mean the runtime subtracts (``means``: a task
+    config's statistics; else the export's pretraining means), or 0 for standardised inputs."""
     entry = getattr(getattr(rt, "manifest", None), "modalities", {}).get(name)
     table = get_modality(name)
     bands = tuple(task_bands[name]) if task_bands and name in task_bands else tuple(
         entry.bands if entry is not None else table.bands)
-    means = dict(zip(table.bands, table.mean))
+    if not standardize:
+        return ModalitySpec(name, bands, table.bands, tuple(0.0 for _ in bands))
+    if means is not None and name in means and np.shape(means[name]) == (len(bands),):
+        return ModalitySpec(name, bands, table.bands, tuple(float(v) for v in means[name]))
+    by_band = dict(zip(table.bands, table.mean))
     if entry is not None:
-        means.update(zip(entry.bands, entry.mean))
-    fill = tuple(float(means.get(b, 0.0)) for b in bands)
-    return ModalitySpec(name, bands, table.bands, fill)
+        by_band.update(zip(entry.bands, entry.mean))
+    return ModalitySpec(name, bands, table.bands, tuple(float(by_band.get(b, 0.0)) for b in bands))
 
 
 def window_size(rt) -> int:
@@ -108,6 +115,10 @@ class SceneOp:
 
     def run(self, rt, arrays: dict[str, np.ndarray], windows: list[Window]) -> dict[str, np.ndarray]:
         raise NotImplementedError
+
+    def default_tiling(self, rt) -> dict:
+        """Tiling settings this op's model asks for (terratorch's names), before the caller's."""
+        return {}
 
     def describe(self) -> dict:
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
@@ -145,7 +156,7 @@ class EmbedOp(SceneOp):
             raise ValueError(f"embed: layer must be one integer for a map, got {self.layer!r}")
 
     def input_specs(self, rt, names):
-        return {n: _modality_spec(rt, n) for n in _check_exported(rt, names)}
+        return {n: _modality_spec(rt, n, standardize=self.standardize) for n in _check_exported(rt, names)}
 
     def outputs(self, rt) -> list[OutputSpec]:
         dim = int(rt.manifest.model["dim"])
@@ -168,7 +179,8 @@ class EmbedOp(SceneOp):
 
 @dataclass
 class PredictOp(SceneOp):
-    """A fine-tuned task model (``rt.predict``): logits blended, then classes/probabilities."""
+    """A fine-tuned task model (``rt.predict``, ``rt.task``): logits blended, then classes or
+    probabilities; regression models write their blended values."""
 
     output: str | None = None  # classes | probabilities | logits (default: classes, or values for regression)
     standardize: bool = True
@@ -180,9 +192,11 @@ class PredictOp(SceneOp):
                              "tm-export --task-config CONFIG.yaml --ckpt CHECKPOINT")
         return task
 
+    def _regression(self, rt) -> bool:
+        return "regression" in str(getattr(self._task(rt), "type", "")).lower()
+
     def _kind(self, rt) -> str:
-        task = self._task(rt)
-        regression = "regression" in str(getattr(task, "type", "")).lower()
+        regression = self._regression(rt)
         output = self.output or ("logits" if regression else "classes")
         if output not in ("classes", "probabilities", "logits"):
             raise ValueError(f"predict: output must be 'classes', 'probabilities' or 'logits', got {output!r}")
@@ -190,27 +204,39 @@ class PredictOp(SceneOp):
             raise ValueError(f"predict: a regression task writes its values; use output='logits', not {output!r}")
         return {"classes": "classes", "probabilities": "probabilities", "logits": "values"}[output]
 
+    def default_tiling(self, rt) -> dict:
+        """The task config's ``tiled_inference_parameters`` (what ``terratorch predict`` would use)."""
+        return dict(getattr(self._task(rt), "tiled_inference", None) or {})
+
     def input_specs(self, rt, names):
         task = self._task(rt)
         wanted = [get_modality(m).name for m in task.modalities]
         given = [get_modality(m).name for m in names]
-        if sorted(wanted) != sorted(given):
-            raise ValueError(f"predict: this task model takes {', '.join(wanted)}, got inputs {', '.join(given)}")
-        if getattr(task, "temporal", False) or getattr(task, "n_timestamps", None):
-            raise ValueError("predict: multi-temporal task models are not supported for scenes yet")
-        bands = getattr(task, "bands", None)
-        return {n: _modality_spec(rt, n, bands) for n in given}
+        merge = getattr(task, "merge_method", "mean")
+        unknown = [m for m in given if m not in wanted]
+        if unknown or not given or (merge == "concat" and sorted(wanted) != sorted(given)):
+            need = "all of" if merge == "concat" else "one or more of"
+            raise ValueError(f"predict: this task model takes {need} {', '.join(wanted)} (merge_method {merge!r}), "
+                             f"got inputs {', '.join(given) or 'none'}")
+        if getattr(task, "temporal", None):
+            raise ValueError("predict: multi-temporal task models are not supported for scenes yet (one date per "
+                             "window); run rt.predict on (B, C, T, H, W) arrays")
+        stats = getattr(task, "standardization", None) or {}
+        means = {m: mean for m, (mean, _) in stats.items()}
+        return {n: _modality_spec(rt, n, getattr(task, "bands", None), self.standardize, means) for n in given}
 
     def outputs(self, rt) -> list[OutputSpec]:
         task = self._task(rt)
         kind = self._kind(rt)
-        k = int(task.num_classes)
-        names = tuple(str(n) for n in (getattr(task, "class_names", None) or [f"class_{i}" for i in range(k)]))
+        k = int(getattr(task, "num_channels", None) or task.num_classes)
+        default = "output" if self._regression(rt) else "class"
+        names = tuple(str(n) for n in (getattr(task, "class_names", None) or [f"{default}_{i}" for i in range(k)]))
         if kind == "classes" and k > 255:
             raise ValueError(f"predict: {k} classes do not fit a uint8 class map (at most 255; 255 is nodata)")
         return [OutputSpec("prediction", k, ("classes",) if kind == "classes" else names, kind,
                            "uint8" if kind == "classes" else "float32", names,
-                           tuple(getattr(task, "colors", None) or class_colors(k)), "classes")]
+                           tuple(getattr(task, "colors", None) or class_colors(k)),
+                           "classes" if kind == "classes" else "values")]
 
     def run(self, rt, arrays, windows):
         logits = rt.predict(to_runtime_inputs(arrays), standardize=self.standardize, output="logits")

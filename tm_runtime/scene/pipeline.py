@@ -102,7 +102,8 @@ def _quicklook_paths(quicklook, dests: dict[str, Path]) -> dict[str, Path]:
     return {next(iter(dests)): Path(quicklook)}
 
 
-def run_scene(runtime, op: SceneOp, inputs: Mapping[str, Any], out, tiling: TilingParams | None = None, *,
+def run_scene(runtime, op: SceneOp, inputs: Mapping[str, Any], out,
+              tiling: TilingParams | Mapping[str, Any] | None = None, *,
               bands: Mapping[str, Any] | None = None, nodata: Mapping[str, float] | None = None,
               resampling: Mapping[str, str] | None = None, cog: bool = False, overwrite: bool = False,
               quicklook: bool | str | Mapping[str, str] = False, executor=None, progress: bool | Progress | None = None,
@@ -113,6 +114,8 @@ def run_scene(runtime, op: SceneOp, inputs: Mapping[str, Any], out, tiling: Tili
     executor it only describes the export (the actors load their own).
     ``inputs``: {modality: GeoTIFF path | open rasterio dataset | GeoArray}, the first one's grid
     is the output grid. ``out``: a path, or {output name: path} (generate: per modality).
+    ``tiling``: ``TilingParams``, or a mapping of terratorch's tiled-inference arguments applied over
+    the defaults (for predict: over the task config's ``tiled_inference_parameters``).
     """
     try:
         import rasterio
@@ -122,9 +125,9 @@ def run_scene(runtime, op: SceneOp, inputs: Mapping[str, Any], out, tiling: Tili
     from .geotiff import GeoTiffWriter, check_destination
     from .raster import SceneOptions, open_scene
 
-    tiling = tiling or TilingParams()
     if callable(runtime) and hasattr(runtime, "describe"):  # a RuntimeFactory
         runtime = runtime() if executor is None else runtime.describe()
+    tiling = resolve_tiling(op, runtime, tiling)
     if tiling.crop != window_size(runtime):
         raise ValueError(f"tiling: crop ({tiling.crop}) must equal the export's image size ({window_size(runtime)}); "
                          f"re-export with --image-size {tiling.crop} for other windows")
@@ -217,6 +220,16 @@ def run_scene(runtime, op: SceneOp, inputs: Mapping[str, Any], out, tiling: Tili
     }
 
 
+def resolve_tiling(op: SceneOp, runtime, tiling: TilingParams | Mapping[str, Any] | None) -> TilingParams:
+    """``TilingParams`` as given; else terratorch's defaults updated with what the model asks for
+    (a task config's ``tiled_inference_parameters``), then with ``tiling`` if it is a mapping of
+    terratorch's keyword arguments (``{"batch_size": 8}``: only those change)."""
+    if isinstance(tiling, TilingParams):
+        return tiling
+    base = TilingParams.from_terratorch(op.default_tiling(runtime))
+    return TilingParams.from_terratorch(tiling, base) if tiling else base
+
+
 def _tags(op: SceneOp, tiling: TilingParams, plan, runtime) -> dict[str, str]:
     """Provenance in the GeoTIFF: what produced it (identical for local and Ray runs)."""
     manifest = getattr(runtime, "manifest", None)
@@ -232,20 +245,24 @@ def _tags(op: SceneOp, tiling: TilingParams, plan, runtime) -> dict[str, str]:
 
 # -- convenience entry points ------------------------------------------------------------------
 def embed_scene(runtime, inputs: Mapping[str, Any], out, *, merge_method: str = "mean", layer: int = -1,
-                standardize: bool = True, dtype: str = "float32", tiling: TilingParams | None = None, **kwargs):
+                standardize: bool = True, dtype: str = "float32",
+                tiling: TilingParams | Mapping[str, Any] | None = None, **kwargs):
     """Embedding map: one pixel per 16 x 16 patch, D bands, a 16x coarser transform."""
     return run_scene(runtime, EmbedOp(merge_method, layer, standardize, dtype), inputs, out, tiling, **kwargs)
 
 
 def predict_scene(runtime, inputs: Mapping[str, Any], out, *, output: str | None = None, standardize: bool = True,
-                  tiling: TilingParams | None = None, **kwargs):
-    """A fine-tuned task model over a scene: classes (uint8 + colour table), probabilities or logits."""
+                  tiling: TilingParams | Mapping[str, Any] | None = None, **kwargs):
+    """A fine-tuned task model (a ``tm-export --task-config`` export) over a scene: classes (uint8 +
+    colour table), probabilities or logits (regression: values), blended as terratorch's tiled
+    inference blends the task's logits; tiling defaults to the task config's
+    ``tiled_inference_parameters``, then terratorch's defaults."""
     return run_scene(runtime, PredictOp(output, standardize), inputs, out, tiling, **kwargs)
 
 
 def generate_scene(runtime, inputs: Mapping[str, Any], outputs: Mapping[str, Any], *, timesteps: int = 10,
                    seed: int | None = None, temperature: float = 1.0, top_p: float = 0.8, top_k: int = 0,
-                   chained: bool = True, tiling: TilingParams | None = None, **kwargs):
+                   chained: bool = True, tiling: TilingParams | Mapping[str, Any] | None = None, **kwargs):
     """Generated modalities over a scene, one file per output modality ({modality: path}).
     ``seed=None`` draws a scene seed, reported in the summary and the files' tags."""
     if seed is None:

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 import numpy as np
 
@@ -61,6 +63,24 @@ class TilingParams:
                              f"edge of the scene into a window); use one of {', '.join(PADDING_MODES)} or None")
         elif self.padding not in PADDING_MODES:
             raise ValueError(f"tiling: padding must be one of {', '.join(PADDING_MODES)} or None, got {self.padding!r}")
+
+    @classmethod
+    def from_terratorch(cls, settings: Mapping[str, Any], base: "TilingParams | None" = None) -> "TilingParams":
+        """``base`` (default: terratorch's defaults) updated with terratorch's tiled-inference keyword
+        arguments (a task config's ``tiled_inference_parameters``); windows are square here."""
+        settings = dict(settings)
+        for axis in ("crop", "stride"):
+            h, w = settings.pop(f"h_{axis}", None), settings.pop(f"w_{axis}", None)
+            if h is not None or w is not None:
+                if h is not None and w is not None and h != w:
+                    raise ValueError(f"tiling: h_{axis} ({h}) and w_{axis} ({w}) differ; scenes use square windows")
+                settings.setdefault(axis, h if h is not None else w)
+        settings.pop("verbose", None)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise ValueError(f"tiling: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return replace(base or cls(), **settings)
 
     def in_units(self, scale: int) -> "TilingParams":
         """The same tiling in units of ``scale`` pixels (16 for embedding maps: one unit per patch).
