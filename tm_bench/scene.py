@@ -1,18 +1,18 @@
 """tm-bench scene: whole scenes through tm-run's pipeline (reading, tiling, blending, writing).
 
-    tm-bench scene EXPORT [--size 2048] [--commands embed predict] [--batch 8] [--threads 2]
-                   [--repeats 3] [--rss-sizes 1024 8192] [--ray] [--workdir DIR] [--json FILE]
+    tm-bench scene EXPORT [--task-export TASK_EXPORT] [--size 2048] [--commands embed predict] [--batch 8]
+                   [--threads 2] [--repeats 3] [--rss-sizes 1024 8192] [--ray] [--workdir DIR] [--json FILE]
 
 * End to end vs the model alone, interleaved in one process: a scene run, then the runtime's time
   per batch (median of ``--batch-iters`` calls on random windows), repeated; the ratio is the
   scene run over (number of batches x time per batch).
 * Peak RSS vs scene size: one fresh process per size (peak RSS only grows within a process).
-* Windows/s locally and, with ``--ray``, on a local Ray cluster (actors with one thread each).
+* Windows/s locally and, with ``--ray``, on a local Ray cluster (actors with one thread each),
+  Ray and local runs interleaved.
 
-``predict`` uses a stand-in task head (``StandInTask``) until fine-tuned task exports exist: the
-export's mean-merged last-layer tokens, a fixed random linear layer per patch, nearest upsampling
-to pixels. Synthetic S2L2A scenes (12 bands, int16, tiled 256, deflate) are written strip by strip
-into ``--workdir`` and reused.
+``embed`` runs on EXPORT, ``predict`` on a fine-tuned task export (``tm-export --task-config``):
+``--task-export``, or EXPORT itself when it is one; the task must take S2L2A. Synthetic S2L2A
+scenes (12 bands, int16, tiled 256, deflate) are written strip by strip into ``--workdir`` and reused.
 """
 from __future__ import annotations
 
@@ -24,32 +24,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
 from .machine import machine_info, peak_rss_bytes, versions
-
-
-class StandInTask:
-    """A task runtime (``task`` + ``predict``) made of an export's encoder and a random linear head."""
-
-    def __init__(self, runtime, num_classes: int = 2, seed: int = 0) -> None:
-        self.runtime = runtime
-        self.manifest = runtime.manifest
-        self.modalities = runtime.modalities
-        dim = int(runtime.manifest.model["dim"])
-        rng = np.random.default_rng(seed)
-        self.weight = (rng.standard_normal((dim, num_classes)) / np.sqrt(dim)).astype(np.float32)
-        self.task = SimpleNamespace(num_classes=num_classes, class_names=[f"class {i}" for i in range(num_classes)],
-                                    type="segmentation", modalities=["S2L2A"])
-
-    def predict(self, inputs, standardize: bool = True, output: str = "logits") -> np.ndarray:
-        emb = self.runtime.embed(inputs, standardize=standardize)  # (B, N, D)
-        b, n, _ = emb.shape
-        side = int(round(n ** 0.5))
-        logits = (emb @ self.weight).reshape(b, side, side, -1).transpose(0, 3, 1, 2)
-        return np.ascontiguousarray(np.repeat(np.repeat(logits, 16, axis=2), 16, axis=3))
 
 
 def write_synthetic_s2(path: Path, size: int, seed: int = 0, strip: int = 256, width: int | None = None) -> Path:
@@ -76,11 +54,26 @@ def write_synthetic_s2(path: Path, size: int, seed: int = 0, strip: int = 256, w
     return path
 
 
-def _runtime(export_dir: str, threads: int | None, command: str):
+def _export_for(args, command: str) -> str:
+    """The export a command runs on: predict needs a task export that takes S2L2A."""
+    if command != "predict":
+        return str(args.export_dir)
+    from tm_runtime.manifest import load_manifest
+
+    path = str(args.task_export or args.export_dir)
+    task = load_manifest(path).data.get("task")
+    if not task:
+        raise ValueError(f"predict needs a fine-tuned task export (tm-export --task-config ...); {path} is a backbone "
+                         "export: pass --task-export DIR")
+    if "S2L2A" not in task["modalities"]:
+        raise ValueError(f"the benchmark scenes are S2L2A; the task export {path} takes {', '.join(task['modalities'])}")
+    return path
+
+
+def _runtime(args, command: str):
     from tm_runtime import TerraMindRuntime
 
-    rt = TerraMindRuntime(export_dir, threads=threads)
-    return StandInTask(rt) if command == "predict" else rt
+    return TerraMindRuntime(_export_for(args, command), threads=args.threads)
 
 
 def _run(rt, command: str, scene: Path, out: Path, batch: int, executor=None) -> dict:
@@ -93,7 +86,8 @@ def _run(rt, command: str, scene: Path, out: Path, batch: int, executor=None) ->
 
 def _time_batch(rt, command: str, batch: int, iters: int, rng) -> float:
     """Median seconds of one model call on ``batch`` random windows (what the pipeline calls)."""
-    x = {"S2L2A": (rng.random((batch, 12, 224, 224), dtype=np.float32) * 3000)}
+    channels = rt.manifest.modalities["S2L2A"].num_channels
+    x = {"S2L2A": (rng.random((batch, channels, 224, 224), dtype=np.float32) * 3000)}
     call = (lambda: rt.embed(x, standardize=True)) if command == "embed" else (lambda: rt.predict(x))
     call()
     times = []
@@ -105,7 +99,7 @@ def _time_batch(rt, command: str, batch: int, iters: int, rng) -> float:
 
 
 def end_to_end(args, command: str, scene: Path, log) -> dict:
-    rt = _runtime(args.export_dir, args.threads, command)
+    rt = _runtime(args, command)
     rng = np.random.default_rng(0)
     out = Path(args.workdir) / f"out_{command}_{args.size}.tif"
     _time_batch(rt, command, args.batch, 1, rng)  # warm up: sessions created
@@ -133,7 +127,7 @@ def child(args) -> int:
     """One scene in a fresh process: peak RSS and the summary, as JSON on stdout."""
     from .machine import current_rss_bytes
 
-    rt = _runtime(args.export_dir, args.threads, args.child)
+    rt = _runtime(args, args.child)
     _time_batch(rt, args.child, args.batch, 1, np.random.default_rng(0))
     loaded = current_rss_bytes()
     summary = _run(rt, args.child, Path(args.scene), Path(args.workdir) / f"rss_{args.child}.tif", args.batch)
@@ -151,6 +145,8 @@ def rss_vs_size(args, command: str, log) -> list[dict]:
                "--batch", str(args.batch), "--workdir", str(args.workdir)]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
+        if args.task_export:
+            cmd += ["--task-export", str(args.task_export)]
         result = subprocess.run(cmd, capture_output=True, text=True, check=True)
         row = {"command": command, "size": size, **json.loads(result.stdout.strip().splitlines()[-1])}
         log(f"  {command} {size}^2: peak RSS {row['peak_rss_bytes'] / 2**20:.0f} MiB "
@@ -160,30 +156,38 @@ def rss_vs_size(args, command: str, log) -> list[dict]:
 
 
 def on_ray(args, command: str, scene: Path, log) -> dict:
+    """The scene on a local Ray cluster (``--ray-actors`` actors, one thread each), interleaved with
+    local runs (``--threads``) so that the ratio holds under a changing load."""
     from tm_runtime.scene import RayExecutor, RuntimeFactory
     from tm_runtime.scene.ray_executor import ensure_ray
 
     start = time.perf_counter()
     ensure_ray(None, num_cpus=args.ray_actors, object_store_memory=512 * 2**20)
     init = time.perf_counter() - start
-    factory = RuntimeFactory(str(args.export_dir), threads=1)
-    if command == "predict":
-        raise ValueError("--ray measures embed only (the stand-in task head is not an export workers can load)")
+    factory = RuntimeFactory(_export_for(args, command), threads=1)
+    local_rt = _runtime(args, command)
     out = Path(args.workdir) / f"ray_{command}_{args.size}.tif"
-    runs = []
-    for _ in range(2):  # the first run includes starting the actors
-        runs.append(_run(factory.describe(), command, scene, out, args.batch,
-                         executor=RayExecutor(factory, actors=args.ray_actors)))
-    log(f"  ray {command}: init {init:.1f} s, runs {[round(r['seconds'], 1) for r in runs]} s")
-    return {"command": command, "actors": args.ray_actors, "ray_init_seconds": init,
-            "scene_seconds": [r["seconds"] for r in runs],
-            "windows_per_second": [r["windows_per_second"] for r in runs]}
+    ray_runs, local_runs = [], []
+    for _ in range(args.repeats + 1):  # the first Ray run includes starting the actors: not counted
+        ray_runs.append(_run(factory.describe(), command, scene, out, args.batch,
+                             executor=RayExecutor(factory, actors=args.ray_actors)))
+        local_runs.append(_run(local_rt, command, scene, out, args.batch))
+    ray_s = statistics.median(r["seconds"] for r in ray_runs[1:])
+    local_s = statistics.median(r["seconds"] for r in local_runs[1:])
+    log(f"  ray {command}: init {init:.1f} s, runs {[round(r['seconds'], 1) for r in ray_runs]} s; "
+        f"local {[round(r['seconds'], 1) for r in local_runs]} s")
+    windows = ray_runs[0]["windows"]["total"]
+    return {"command": command, "size": args.size, "actors": args.ray_actors, "ray_init_seconds": init,
+            "ray_seconds": [r["seconds"] for r in ray_runs], "local_seconds": [r["seconds"] for r in local_runs],
+            "windows": windows, "ray_windows_per_second": windows / ray_s, "local_windows_per_second": windows / local_s,
+            "ratio_ray_over_local_seconds": ray_s / local_s}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tm-bench scene", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("export_dir", help="directory written by tm-export")
+    p.add_argument("export_dir", help="directory written by tm-export (embed; predict too if it is a task export)")
+    p.add_argument("--task-export", default=None, help="a fine-tuned task export taking S2L2A, for predict")
     p.add_argument("--size", type=int, default=2048, help="side of the end-to-end scene (default 2048)")
     p.add_argument("--commands", nargs="+", default=["embed", "predict"], choices=["embed", "predict"])
     p.add_argument("--batch", type=int, default=8, help="windows per model call (default 8)")
@@ -191,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="interleaved scene runs (default 3)")
     p.add_argument("--batch-iters", type=int, default=7, help="model calls per time-per-batch sample (default 7)")
     p.add_argument("--rss-sizes", type=int, nargs="*", default=[], help="scene sides for peak RSS, e.g. 1024 8192")
-    p.add_argument("--ray", action="store_true", help="also run embed on a local Ray cluster")
+    p.add_argument("--ray", action="store_true", help="also run the commands on a local Ray cluster")
+    p.add_argument("--no-end-to-end", action="store_true", help="skip the end-to-end vs model measurement")
     p.add_argument("--ray-actors", type=int, default=2)
     p.add_argument("--workdir", default="/tmp/tm-scene-bench", help="scenes and outputs (default /tmp/tm-scene-bench)")
     p.add_argument("--json", type=Path, default=None)
@@ -216,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     result["versions"]["rasterio"] = rasterio.__version__
     result["versions"]["gdal"] = rasterio.__gdal_version__
     scene = write_synthetic_s2(Path(args.workdir) / f"s2_{args.size}.tif", args.size)
-    for command in args.commands:
+    for command in [] if args.no_end_to_end else args.commands:
         log(f"end to end vs model, {command}:")
         result["end_to_end"].append(end_to_end(args, command, scene, log))
     for command in args.commands if args.rss_sizes else []:
@@ -226,7 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         import ray
 
         result["versions"]["ray"] = ray.__version__
-        result["ray"].append(on_ray(args, "embed", scene, log))
+        for command in args.commands:
+            log(f"on Ray, {command}:")
+            result["ray"].append(on_ray(args, command, scene, log))
     text = json.dumps(result, indent=2, default=str)
     if args.json:
         args.json.write_text(text + "\n")
@@ -237,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     for row in result["rss"]:
         print(f"{row['command']} {row['size']}^2: peak RSS {row['peak_rss_bytes'] / 2**20:.0f} MiB")
     for row in result["ray"]:
-        print(f"ray {row['command']} ({row['actors']} actors): windows/s {row['windows_per_second']}")
+        print(f"ray {row['command']} {row['size']}^2 ({row['actors']} actors): {row['ray_windows_per_second']:.2f} "
+              f"windows/s, local {row['local_windows_per_second']:.2f}, time ray/local "
+              f"{row['ratio_ray_over_local_seconds']:.3f}")
     return 0
 
 
