@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..reference.terramind import TerraMindModel, get_variant
+from ..tim import GENERATION_KEY
 from .config import TaskConfigError, TaskSpec
 from .decoders import build_decoder
 from .heads import RegressionHead, SegmentationHead
@@ -165,6 +166,13 @@ def load_task_state(model: TaskModel, state: dict[str, torch.Tensor], source: st
         raise TaskConfigError(f"{source}: holds auxiliary heads (model.{aux[0]}), which tm-export does not export")
     if model.spec.tim:
         unused |= tim_backbone_keys(model, state)
+    else:
+        tim = next((k for k in state if k.startswith(model.encoder_prefix + GENERATION_KEY)), None)
+        if tim is not None:
+            raise TaskConfigError(
+                f"{source}: holds a TiM backbone (model.{model.encoder_prefix}{GENERATION_KEY}*), but the config's "
+                f"backbone {model.spec.backbone} is not one: set model.init_args.model_args.backbone to "
+                f"terramind_v1_{model.spec.size}_tim (and backbone_tim_modalities as in training)")
     unexpected = [k for k in state if k not in expected and k not in unused]
     missing = [k for k in expected if k not in state]
     hint = ("(does the config's backbone, backbone_modalities, backbone_bands, merge method, necks, decoder and "
