@@ -9,8 +9,8 @@ from tm_runtime.backends import OrtBackend
 
 
 def test_unknown_backend(tiny_export):
-    with pytest.raises(ValueError, match="backend must be 'ort', 'ort-cuda' or 'tensorrt'"):
-        TerraMindRuntime(tiny_export, backend="openvino")
+    with pytest.raises(ValueError, match="backend must be one of ort, ort-cuda, tensorrt, openvino, got 'onnx'"):
+        TerraMindRuntime(tiny_export, backend="onnx")
     with pytest.raises(TypeError, match="object with run"):
         TerraMindRuntime(tiny_export, backend=42)
     with pytest.raises(ValueError, match="providers= only applies"):

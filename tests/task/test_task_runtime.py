@@ -109,7 +109,8 @@ def test_outputs(multi_rt):
 
 
 @pytest.mark.parametrize("inputs,standardize,match", [
-    (lambda x: {**x, "S2L1C": x["S2L2A"]}, False, "unknown modality 'S2L1C'"),
+    (lambda x: {**x, "S2L1C": x["S2L2A"]}, False, "modality S2L1C was not exported"),
+        (lambda x: {**x, "S3OLCI": x["S2L2A"]}, False, "unknown modality 'S3OLCI'"),
     (lambda x: {"S2L2A": x["S2L2A"]}, False, "needs all of S2L2A, S1GRD; missing: S1GRD"),
     (lambda x: {**x, "S2L2A": x["S2L2A"][:, :, 0]}, False, r"S2L2A: this temporal model takes \(batch, 4, dates"),
     (lambda x: {**x, "S1GRD": x["S1GRD"][:, :, :2]}, False, "S1GRD: 2 dates, but another modality has 3"),
