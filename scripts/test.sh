@@ -13,4 +13,5 @@ if ! ls ../shared/data/terramesh_examples/S2L2A/*.tif >/dev/null 2>&1; then
        "the parity tests on real tiles will SKIP" >&2
 fi
 # pytest exits 5 when it collected no test: with `set -e` that fails the run, as it should.
-exec $PY -m pytest -q -rs --durations=15 "$@"
+# Two workers (pytest-xdist): files stay whole on one worker and big_memory tests share one (tests/conftest.py).
+exec $PY -m pytest -q -rs --durations=15 -n 2 --dist loadgroup "$@"

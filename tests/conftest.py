@@ -7,6 +7,18 @@ import numpy as np
 import pytest
 
 TINY_MODALITIES = ["S2L2A", "S1GRD", "DEM"]
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (scripts/test.sh runs two workers): keep each file on one worker, so its
+    module- and session-scoped exports are built once, and put every ``big_memory`` test on the
+    same worker, so that two exports near 10 GB never run at once on a 24 GB machine."""
+    if not hasattr(config, "workerinput") and config.getoption("dist", "no") == "no":
+        return
+    for item in items:
+        group = "big_memory" if item.get_closest_marker("big_memory") else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "terramesh_examples"
 
 
