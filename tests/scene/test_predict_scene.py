@@ -1,8 +1,10 @@
-"""predict over GeoTIFF scenes (with a stand-in task runtime until fine-tuned task exports land):
-equal to terratorch's tiled_inference on the whole array, georeferenced, atomic, nodata-aware."""
+"""predict over GeoTIFF scenes with a cheap stand-in task runtime (fakes.py; the real task export is
+in test_predict_task.py): equal to terratorch's tiled_inference on the whole array, georeferenced,
+atomic, nodata-aware; bands, grids, extents, task defaults and TiM seeds."""
 from __future__ import annotations
 
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -267,3 +269,38 @@ def test_task_tiling_parameters_are_the_defaults(s2_scene, tmp_path):
     rt.task.tiled_inference = {"h_crop": 224, "w_crop": 256}
     with pytest.raises(ValueError, match="h_crop .*w_crop .*square"):
         predict_scene(rt, {"S2L2A": path}, tmp_path / "c.tif")
+
+
+class FakeTimTaskRuntime(FakeTaskRuntime):
+    """A TiM task model's sampling, reduced to what scenes rely on: draws that depend on the seed."""
+
+    tim = SimpleNamespace(temperature=1.0)
+
+    def predict(self, inputs, standardize=True, output="logits", seed=None, **tim):
+        self.seeds.append(seed)
+        self.tim_args = tim
+        logits = super().predict(inputs, standardize, output)
+        draws = np.random.default_rng(seed).random(len(logits)) if tim.get("tim_temperature", 1.0) else 0.0
+        return logits + np.reshape(draws, (-1, 1, 1, 1)).astype(np.float32)
+
+
+def test_tim_task_models_sample_each_window_from_its_own_seed(tmp_path):
+    """The map does not depend on batching; the scene seed is drawn when not given, and reported;
+    temperature 0 batches the windows (deterministic)."""
+    path = write_scene(tmp_path / "s2.tif", s2_array(300, 400, seed=14))
+    rt = FakeTimTaskRuntime()
+    rt.seeds = []
+    maps = {}
+    for batch in (1, 3):
+        maps[batch] = tmp_path / f"b{batch}.tif"
+        predict_scene(rt, {"S2L2A": path}, maps[batch], output="logits", seed=7, tiling={"batch_size": batch})
+    assert rt.seeds[:4] == rt.seeds[4:] and len(set(rt.seeds)) == 4  # one call per window, four window seeds
+    with rasterio.open(maps[1]) as a, rasterio.open(maps[3]) as b:
+        np.testing.assert_array_equal(a.read(), b.read())
+    summary = predict_scene(rt, {"S2L2A": path}, tmp_path / "drawn.tif")
+    assert isinstance(summary["op"]["seed"], int)
+    rt.seeds, rt.calls = [], 0
+    predict_scene(rt, {"S2L2A": path}, tmp_path / "argmax.tif", tim_temperature=0.0, tiling={"batch_size": 4})
+    assert rt.calls == 1 and rt.tim_args == {"tim_temperature": 0.0}
+    with pytest.raises(ValueError, match="tim_temperature given, but this task model has no TiM backbone"):
+        predict_scene(FakeTaskRuntime(), {"S2L2A": path}, tmp_path / "x.tif", tim_temperature=0.5)

@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", choices=("classes", "probabilities", "logits"), default=None,
                    help="classes (uint8 + colour table; default), probabilities or logits (float32)")
     p.add_argument("--no-standardize", action="store_true", help="inputs are already standardised")
+    p.add_argument("--seed", type=int, default=None, help="TiM task models: scene seed (default: drawn, reported)")
+    p.add_argument("--tim-temperature", type=float, default=None, help="TiM task models (default: the export's)")
+    p.add_argument("--tim-top-p", type=float, default=None)
+    p.add_argument("--tim-top-k", type=int, default=None)
     g = sub.add_parser("generate", help="generate modalities over a scene")
     _common(g)
     g.add_argument("--output", action="append", required=True, metavar="MOD=PATH",
@@ -161,7 +165,8 @@ def run(args: argparse.Namespace) -> dict:
         common["executor"] = LocalExecutor(runtime, prefetch=args.prefetch)
     if args.command == "predict":
         return predict_scene(runtime, inputs, args.out, output=args.output, standardize=not args.no_standardize,
-                             **common)
+                             seed=args.seed, tim_temperature=args.tim_temperature, tim_top_p=args.tim_top_p,
+                             tim_top_k=args.tim_top_k, **common)
     if args.command == "embed":
         return embed_scene(runtime, inputs, args.out, merge_method=args.merge_method, layer=args.layer,
                            standardize=not args.no_standardize, dtype="float16" if args.float16 else "float32",

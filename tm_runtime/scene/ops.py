@@ -180,10 +180,22 @@ class EmbedOp(SceneOp):
 @dataclass
 class PredictOp(SceneOp):
     """A fine-tuned task model (``rt.predict``, ``rt.task``): logits blended, then classes or
-    probabilities; regression models write their blended values."""
+    probabilities; regression models write their blended values.
+
+    TiM task models sample their TiM tokens: each window with its own seed (``window_seed``), one
+    call per window, as ``GenerateOp``; with ``tim_temperature=0`` (argmax) windows are batched.
+    ``seed=None`` draws a scene seed (reported)."""
 
     output: str | None = None  # classes | probabilities | logits (default: classes, or values for regression)
     standardize: bool = True
+    seed: int | None = None
+    tim_temperature: float | None = None
+    tim_top_p: float | None = None
+    tim_top_k: int | None = None
+
+    def _tim_options(self) -> dict:
+        return {k: v for k, v in (("tim_temperature", self.tim_temperature), ("tim_top_p", self.tim_top_p),
+                                  ("tim_top_k", self.tim_top_k)) if v is not None}
 
     def _task(self, rt):
         task = getattr(rt, "task", None)
@@ -221,6 +233,12 @@ class PredictOp(SceneOp):
         if getattr(task, "temporal", None):
             raise ValueError("predict: multi-temporal task models are not supported for scenes yet (one date per "
                              "window); run rt.predict on (B, C, T, H, W) arrays")
+        if getattr(rt, "tim", None) is None:
+            if self._tim_options():
+                raise ValueError(f"predict: {', '.join(self._tim_options())} given, but this task model has no TiM "
+                                 "backbone")
+        elif self.seed is None:
+            self.seed = int(np.random.SeedSequence().generate_state(1)[0])  # drawn once, reported
         stats = getattr(task, "standardization", None) or {}
         means = {m: mean for m, (mean, _) in stats.items()}
         return {n: _modality_spec(rt, n, getattr(task, "bands", None), self.standardize, means) for n in given}
@@ -239,8 +257,16 @@ class PredictOp(SceneOp):
                            "classes" if kind == "classes" else "values")]
 
     def run(self, rt, arrays, windows):
-        logits = rt.predict(to_runtime_inputs(arrays), standardize=self.standardize, output="logits")
-        return {"prediction": np.asarray(logits, dtype=np.float32)}
+        inputs = to_runtime_inputs(arrays)
+        tim = getattr(rt, "tim", None)
+        temperature = self.tim_temperature if self.tim_temperature is not None else getattr(tim, "temperature", 0)
+        if tim is None or temperature == 0:
+            logits = rt.predict(inputs, standardize=self.standardize, output="logits", **self._tim_options())
+            return {"prediction": np.asarray(logits, dtype=np.float32)}
+        parts = [rt.predict({m: a[i:i + 1] for m, a in inputs.items()}, standardize=self.standardize, output="logits",
+                            seed=window_seed(self.seed, window), **self._tim_options())
+                 for i, window in enumerate(windows)]
+        return {"prediction": np.concatenate(parts, axis=0).astype(np.float32, copy=False)}
 
 
 _QUICKLOOK = {"S2L2A": "s2", "S1GRD": "s1", "S1RTC": "s1", "DEM": "dem", "NDVI": "ndvi", "LULC": "classes"}

@@ -252,12 +252,16 @@ def embed_scene(runtime, inputs: Mapping[str, Any], out, *, merge_method: str = 
 
 
 def predict_scene(runtime, inputs: Mapping[str, Any], out, *, output: str | None = None, standardize: bool = True,
-                  tiling: TilingParams | Mapping[str, Any] | None = None, **kwargs):
+                  tiling: TilingParams | Mapping[str, Any] | None = None, seed: int | None = None,
+                  tim_temperature: float | None = None, tim_top_p: float | None = None, tim_top_k: int | None = None,
+                  **kwargs):
     """A fine-tuned task model (a ``tm-export --task-config`` export) over a scene: classes (uint8 +
     colour table), probabilities or logits (regression: values), blended as terratorch's tiled
     inference blends the task's logits; tiling defaults to the task config's
-    ``tiled_inference_parameters``, then terratorch's defaults."""
-    return run_scene(runtime, PredictOp(output, standardize), inputs, out, tiling, **kwargs)
+    ``tiled_inference_parameters``, then terratorch's defaults. TiM task models: ``seed`` (the
+    scene seed; each window draws from its own, see ``PredictOp``) and the ``tim_*`` sampling."""
+    op = PredictOp(output, standardize, seed, tim_temperature, tim_top_p, tim_top_k)
+    return run_scene(runtime, op, inputs, out, tiling, **kwargs)
 
 
 def generate_scene(runtime, inputs: Mapping[str, Any], outputs: Mapping[str, Any], *, timesteps: int = 10,
