@@ -54,6 +54,16 @@ def two_output_export(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def floods_tiny(tmp_path_factory):
+    """The official tiny sen1floods11 task config as is (S2L1C + S1GRD, mean merge), every tensor
+    random, from a terratorch-written checkpoint, exported once (graphs validated): shared by the
+    task tests and the scene tests (tests/task/conftest.py: make_case)."""
+    from tests.task.conftest import make_case
+
+    return make_case(tmp_path_factory, "sen1floods11_tiny", None, seed=11)
+
+
+@pytest.fixture(scope="session")
 def tiny_reference():
     from tm_export.export import ExportConfig, build_reference
 
