@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 TINY_MODALITIES = ["S2L2A", "S1GRD", "DEM"]
+DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "terramesh_examples"
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
@@ -19,7 +20,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         group = "big_memory" if item.get_closest_marker("big_memory") else item.nodeid.split("::")[0]
         item.add_marker(pytest.mark.xdist_group(group))
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "terramesh_examples"
 
 
 @pytest.fixture(scope="session")
