@@ -6,11 +6,9 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
-import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,10 +23,13 @@ from tm_runtime.modalities import COORDS, get_modality, get_target, is_coords
 from . import tim
 from . import weights as W
 from .bands import select_bands
+from . import streaming
 from .graphs import DECODER_GRAPH, GraphSpec, all_specs, head_graph_name, query_graph_name
+from .memory import PeakWindow, peak_rss_bytes, release_memory, step
 from .precision import FP16_MAX_REL_ERROR, check_precision, to_fp16
 from .reference.terramind import TerraMindModel, get_variant
-from .reference.tokenizers import Tokenizer, build_tokenizer, load_tokenizer, tokenizer_config
+from .reference.tokenizers import Tokenizer, TokenizerConfig, build_tokenizer, load_tokenizer, tokenizer_config
+from .streaming import WeightlessModel
 from .tim import TimSettings
 from .tokenizer_graphs import tokenizer_specs
 from .validate import summarize, validate_graph
@@ -189,9 +190,20 @@ def coords_tokenizer_path(config: ExportConfig, log: Callable[[str], None] = pri
     return path, info
 
 
-def build_tokenizers(config: ExportConfig, targets: list[str],
-                     log: Callable[[str], None] = print) -> tuple[dict[str, Tokenizer], dict]:
-    """The tokenizer of every target: from --tokenizer-ckpt, the HF hub, or random (with --random-init)."""
+@dataclass
+class TokenizerSource:
+    """Where one tokenizer's weights come from: a checkpoint ``path``, or random with ``seed``."""
+    name: str
+    config: TokenizerConfig
+    path: Path | None
+    seed: int
+    info: dict
+
+
+def tokenizer_sources(config: ExportConfig, targets: list[str],
+                      log: Callable[[str], None] = print) -> list[TokenizerSource]:
+    """Check the tokenizer options and find every target's checkpoint (``--tokenizer-ckpt``, the HF
+    hub) without reading it: the export loads one tokenizer at a time, when its graphs are due."""
     if config.tokenizer_size not in ("official", "small"):
         raise ExportError(f"tokenizer size must be 'official' or 'small', got {config.tokenizer_size!r}")
     if config.tokenizer_size == "small" and not config.random_init:
@@ -201,39 +213,56 @@ def build_tokenizers(config: ExportConfig, targets: list[str],
     if unknown:
         raise ExportError(f"--tokenizer-ckpt names {', '.join(unknown)}, which is neither an output modality "
                           "nor a tokenised input (LULC, NDVI, coords)")
-    tokenizers, info = {}, {}
+    sources = []
     for i, name in enumerate(targets):
         changes = SMALL_TOKENIZER if config.tokenizer_size == "small" else {}
         cfg = tokenizer_config(name, image_size=config.image_size, **changes)
         path = config.tokenizer_ckpts.get(name)
+        seed = config.seed * 1000 + 17 * (i + 1)
         if path is None and config.random_init:
-            tok = build_tokenizer(cfg)
-            state = W.random_state(tok.state_dict(), seed=config.seed * 1000 + 17 * (i + 1))
-            tokenizers[name] = load_tokenizer(name, state, cfg)
-            info[name] = {"random_init": True, "size": config.tokenizer_size}
+            sources.append(TokenizerSource(name, cfg, None, seed, {"random_init": True, "size": config.tokenizer_size}))
             continue
         source = "file" if path else "huggingface_hub"
         path = Path(path) if path else W.hub_tokenizer(name)
         log(f"tokenizer {name}: {path}")
-        try:
-            tokenizers[name] = load_tokenizer(name, W.read_state_dict(path), cfg)
-        except ValueError as exc:
-            raise W.WeightsError(f"{path}: {exc}") from exc
-        info[name] = {"random_init": False, "source": source, "file": path.name, "sha256": sha256_file(path)}
-    return {k: t.eval() for k, t in tokenizers.items()}, info
+        if not path.is_file():
+            raise W.WeightsError(f"checkpoint {path} does not exist")
+        sources.append(TokenizerSource(name, cfg, path, seed, {"random_init": False, "source": source,
+                                                                 "file": path.name, "sha256": sha256_file(path)}))
+    return sources
 
 
-def _trace(spec: GraphSpec, path: Path, opset: int) -> None:
+def load_tokenizer_from(source: TokenizerSource) -> Tokenizer:
+    if source.path is None:
+        # Random values drawn straight into the built modules (what loading ``W.random_state``
+        # would give, without a second copy of the weights).
+        tok = build_tokenizer(source.config)
+        with torch.no_grad():
+            for tensor, value in W.random_values(tok.state_dict(), seed=source.seed):
+                if value is not tensor:
+                    tensor.copy_(value)
+        return tok.eval()
+    try:
+        return load_tokenizer(source.name, W.read_state_dict(source.path), source.config).eval()
+    except ValueError as exc:
+        raise W.WeightsError(f"{source.path}: {exc}") from exc
+
+
+def build_tokenizers(config: ExportConfig, targets: list[str],
+                     log: Callable[[str], None] = print) -> tuple[dict[str, Tokenizer], dict]:
+    """The tokenizer of every target, all at once: from --tokenizer-ckpt, the HF hub, or random
+    (with --random-init)."""
+    sources = tokenizer_sources(config, targets, log)
+    return {s.name: load_tokenizer_from(s) for s in sources}, {s.name: s.info for s in sources}
+
+
+def _trace(spec: GraphSpec, path: Path, opset: int) -> WeightlessModel:
     # Batch 2: the exporter may specialise a dimension of size 1 (and 0).
     dummy = spec.sample(2, torch.Generator().manual_seed(1))
     axes = {d.name: d.dynamic_axes() for d in spec.inputs + spec.outputs if d.dynamic_axes()}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            spec.module, dummy, str(path), input_names=[d.name for d in spec.inputs],
-            output_names=[d.name for d in spec.outputs], dynamic_axes=axes, opset_version=opset,
-            do_constant_folding=True, dynamo=False,
-        )
+    return streaming.trace(spec.module, dummy, path, input_names=[d.name for d in spec.inputs],
+                           output_names=[d.name for d in spec.outputs], dynamic_axes=axes, opset_version=opset,
+                           do_constant_folding=True)
 
 
 def name_outputs(spec: GraphSpec, model: onnx.ModelProto) -> None:
@@ -280,43 +309,70 @@ def check_dims(spec: GraphSpec, model: onnx.ModelProto) -> None:
                 dim.dim_value = want
 
 
-def _save(model: onnx.ModelProto, path: Path, threshold: int) -> list[str]:
-    """Save, with weights in an external file when the graph is too big for one protobuf."""
-    size = sum(t.ByteSize() for t in model.graph.initializer)
-    if size <= threshold:
-        onnx.save_model(model, str(path))
-        return []
-    data_name = path.name + ".data"
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data_name, size_threshold=1024)
-    os.chmod(path.parent / data_name, 0o644)  # onnx creates it owner-only; the graph file is 0644
-    return [data_name]
+def release_weights(modules: list[torch.nn.Module], keep: set[int]) -> None:
+    """Free the parameters and buffers of ``modules`` (moved to the meta device: the modules keep
+    their structure) except those whose ``id`` is in ``keep`` (later graphs need them)."""
+    with torch.no_grad():
+        for module in modules:
+            for sub in module.modules():
+                for name, param in sub._parameters.items():
+                    if param is not None and id(param) not in keep and not param.is_meta:
+                        sub._parameters[name] = torch.nn.Parameter(torch.empty_like(param, device="meta"),
+                                                                   requires_grad=param.requires_grad)
+                for name, buf in sub._buffers.items():
+                    if buf is not None and id(buf) not in keep and not buf.is_meta:
+                        sub._buffers[name] = torch.empty_like(buf, device="meta")
 
 
-def export_graph(spec: GraphSpec, workdir: Path, config: ExportConfig, log: Callable[[str], None]) -> dict:
+def _tensor_ids(specs: list[GraphSpec]) -> set[int]:
+    modules = [m for s in specs for m in (s.module, s.reference) if m is not None]
+    return {id(t) for m in modules for t in (*m.parameters(), *m.buffers())}
+
+
+def export_graph(spec: GraphSpec, workdir: Path, config: ExportConfig, log: Callable[[str], None],
+                 keep: set[int] | None = None) -> dict:
+    """Export, save and validate one graph. With ``keep`` (ids of the tensors later graphs use),
+    the graph's other torch weights are freed once the reference outputs are computed, before
+    ONNX Runtime loads the saved graph; without, nothing is freed."""
     start = time.perf_counter()
     # Its own directory: a graph over 2 GB is traced with one external file per tensor, which must
     # not end up beside the final graphs.
     trace_dir = workdir / f".trace-{spec.name}"
     trace_dir.mkdir()
-    raw = trace_dir / "raw.onnx"
-    _trace(spec, raw, config.opset)
-    model = onnx.load(str(raw))
+    with step("trace", graph=spec.name):
+        graph = _trace(spec, trace_dir / "raw.onnx", config.opset)
     shutil.rmtree(trace_dir)
-    name_outputs(spec, model)
+    if spec.reference is not None:
+        # The traced rewrite (Winograd: 4x the convolution weights) is in ``graph`` now and
+        # validation runs the reference: let its own tensors go once they are saved.
+        spec.module = spec.reference
+    name_outputs(spec, graph.model)
+    # Weights are graph inputs here: the passes below see the (small) graph alone.
+    streaming.deduplicate(graph)
     simplified = False
     if config.simplify:
         try:
-            model = _simplify(model)
+            with step("simplify"):
+                graph.model = _simplify(graph.model)
+            graph.order_by_first_use()  # onnxslim's order, had it held the weights
             simplified = True
         except Exception as exc:  # onnxslim fails on some big graphs; the traced graph is still valid
             log(f"  {spec.name}: simplification failed ({exc}); keeping the traced graph")
-    check_dims(spec, model)
+    streaming.prune(graph)
+    check_dims(spec, graph.model)
     precision = config.precision if spec.allow_reduced_precision and config.precision != "int8" else "fp32"
     if precision == "fp16":
-        model = to_fp16(model)
+        with step("fp16"):
+            # Shapes inferred while the weights are still graph inputs (a weightless protobuf to
+            # copy, not the whole model four times); the conversion needs the weights in place.
+            graph.model = onnx.shape_inference.infer_shapes(graph.model)
+            order = graph.order
+            graph = streaming.detach(to_fp16(streaming.attach(graph), shapes_inferred=True))
+            graph.order = order
     path = workdir / spec.file
-    external = _save(model, path, config.external_data_threshold)
+    with step("save"):
+        external = streaming.save(graph, path, config.external_data_threshold)
+    del graph
     entry = {
         "file": spec.file, "sha256": sha256_file(path),
         "external_data": [{"file": f, "sha256": sha256_file(workdir / f)} for f in external],
@@ -329,7 +385,11 @@ def export_graph(spec: GraphSpec, workdir: Path, config: ExportConfig, log: Call
     msg = f"exported in {time.perf_counter() - start:.1f}s"
     if config.validate:
         t0 = time.perf_counter()
-        result = summarize(validate_graph(spec, str(path)), entry["max_rel_error"], spec.max_mismatch)
+        with step("validate"):
+            modules = [m for m in (spec.module, spec.reference) if m is not None]
+            release = None if keep is None else lambda: release_weights(modules, keep)
+            result = summarize(validate_graph(spec, str(path), release=release), entry["max_rel_error"],
+                               spec.max_mismatch)
         entry["validation"] = result
         extra = ""
         if "argmax_agreement" in result:
@@ -348,17 +408,11 @@ def export_graph(spec: GraphSpec, workdir: Path, config: ExportConfig, log: Call
 def _resources(started: float | None) -> dict:
     """What the export cost so far: wall time and the exporting process's peak RSS (``tm-bench``
     reports them with the runtime's; the peak is the process's, so it includes whatever ran
-    before ``export`` in the same process)."""
+    before ``export`` in the same process). ``write_export`` replaces both with the final figures."""
     out = {}
     if started is not None:
         out["seconds"] = round(time.perf_counter() - started, 1)
-    try:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        out["peak_rss_bytes"] = int(peak if sys.platform == "darwin" else peak * 1024)  # macOS: bytes, Linux: KiB
-    except (ImportError, OSError):  # not on Windows
-        pass
+    out["peak_rss_bytes"] = peak_rss_bytes()
     return out
 
 
@@ -445,8 +499,9 @@ def export(config: ExportConfig, log: Callable[[str], None] = print) -> dict:
     if config.winograd and config.precision != "fp32":
         raise ExportError("--winograd is for fp32 graphs on ONNX Runtime CPU; fp16 Winograd loses too much "
                           "precision (and GPU runtimes choose Winograd kernels themselves)")
-    start = time.perf_counter()
-    model, generation, weights = build_models(config, log)
+    start, window = time.perf_counter(), PeakWindow()
+    with step("reference model", graph="-"):
+        model, generation, weights = build_models(config, log)
     tokenized = [get_modality(m).name for m in config.modalities if not is_coords(m) and get_modality(m).tokenized]
     outputs = tim.output_names(config.output_modalities)  # TiM modalities need no tokenizer decoder
     needed = [t for t in model.targets if t in outputs] + [n for n in tokenized if n not in outputs]
@@ -459,13 +514,37 @@ def export(config: ExportConfig, log: Callable[[str], None] = print) -> dict:
             CoordsTokenizer(coords_file)  # fails on a file that does not fit TerraMind's coords vocabulary
         except ValueError as exc:
             raise ExportError(str(exc)) from exc
-    tokenizers, weights["tokenizers"] = build_tokenizers(config, needed, log)
+    sources = tokenizer_sources(config, needed, log)
+    weights["tokenizers"] = {s.name: s.info for s in sources}
     if COORDS.name in needed:
         weights["tokenizers"][COORDS.name] = coords_info
     tim_specs, tim_renames = tim.generation_specs(model, generation)
-    specs = all_specs(model) + tim_specs + [s for name, tok in tokenizers.items()
-                                            for s in tokenizer_specs(name, tok, decoder=name in outputs,
-                                                                     winograd=config.winograd)]
+    specs = all_specs(model) + tim_specs
+    count = len(specs) + sum(2 if s.name in outputs else 1 for s in sources)
+    tokenizers: dict[str, Tokenizer] = {}  # (weightless once exported) the manifest reads their configs
+
+    def stages() -> Iterator[list[GraphSpec]]:
+        # TerraMind's graphs first; then the tokenizers, loaded one at a time when their graphs
+        # are due (one tokenizer's weights in memory, never all of them).
+        nonlocal specs
+        yield specs
+        del specs
+        for m in (model, generation):
+            if m is not None:
+                m.to("meta")  # what no graph used
+        release_memory(collect=True)
+        for source in sources:
+            with step("load tokenizer", graph=source.name):
+                tok = load_tokenizer_from(source)
+            tokenizers[source.name] = tok
+            yield tokenizer_specs(source.name, tok, decoder=False)  # the encoder graph
+            if source.name in outputs:  # the decoder graph; its Winograd rewrite made only now
+                with step("decoder spec (Winograd rewrite)" if config.winograd else "decoder spec"):
+                    decoders = tokenizer_specs(source.name, tok, winograd=config.winograd)[1:]
+                yield decoders
+            del tok
+            release_memory(collect=True)
+
     copies = {"coords_tokenizer": (coords_file, COORDS_TOKENIZER_FILE)} if COORDS.name in needed else {}
 
     def make_manifest(graphs: dict, files: dict) -> dict:
@@ -475,24 +554,47 @@ def export(config: ExportConfig, log: Callable[[str], None] = print) -> dict:
             tim.mark_tim_only_targets(manifest["targets"], config.tim, outputs, graphs)
         return manifest
 
-    manifest = write_export(out, specs, config, make_manifest, log, copies)
-    log(f"wrote {len(specs)} graphs to {out} in {time.perf_counter() - start:.1f}s")
-    return manifest
+    return write_export(out, stages(), config, make_manifest, log, copies, count=count, started=start,
+                        window=window)
 
 
-def write_export(out: Path, specs: list[GraphSpec], config: ExportConfig,
+def memory_bound_bytes(export_bytes: int) -> int:
+    """The most an export may take at its peak (RSS): twice the bytes it writes, plus 1.5 GB for
+    the interpreter, torch, ONNX Runtime and activations (issues 11 and 12)."""
+    return 2 * export_bytes + 1_500_000_000
+
+
+def write_export(out: Path, specs: list[GraphSpec] | Iterable[list[GraphSpec]], config: ExportConfig,
                  make_manifest: Callable[[dict, dict], dict], log: Callable[[str], None] = print,
-                 copies: dict[str, tuple[Path, str]] | None = None) -> dict:
+                 copies: dict[str, tuple[Path, str]] | None = None, count: int | None = None,
+                 started: float | None = None, window: PeakWindow | None = None) -> dict:
     """Export ``specs`` into a temporary directory beside ``out``, copy ``copies`` ({key: (source,
     file name)}) into it, write ``make_manifest(graphs, files)``, and rename it to ``out`` only if
-    every graph validated: nothing half-written is ever left at ``out``. Returns the manifest."""
+    every graph validated: nothing half-written is ever left at ``out``. Returns the manifest.
+
+    ``specs``: a list of specs (emptied as they are exported), or stages (lists of specs, e.g. a generator that loads a model
+    only when its stage is due) that share no weights with each other. Within a stage, a graph's
+    weights are freed as soon as no later graph of the stage needs them (the modules keep their
+    structure, on the meta device). ``count``: how many graphs in all, for the log. The export's
+    peak RSS (from ``window`` on, or from this call) and seconds (from ``started``) go into the
+    manifest's ``exporter`` and ``validation`` sections."""
+    window = window or PeakWindow()
+    stages = [specs] if isinstance(specs, list) and all(isinstance(s, GraphSpec) for s in specs) else specs
+    total = f"/{count}" if count else ""
     out.parent.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         graphs = {}
-        for i, spec in enumerate(specs, 1):
-            log(f"[{i}/{len(specs)}] {spec.name}")
-            graphs[spec.name] = export_graph(spec, workdir, config, log)
+        for stage in stages:
+            while stage:  # a graph's spec (and the weights only it uses) go once it is done
+                spec = stage.pop(0)
+                log(f"[{len(graphs) + 1}{total}] {spec.name}")
+                keep = _tensor_ids(stage)
+                graphs[spec.name] = export_graph(spec, workdir, config, log, keep=keep)
+                release_weights([m for m in (spec.module, spec.reference) if m is not None], keep)
+                del spec
+                release_memory()
+            del stage
         files = {}
         for key, (source, name) in (copies or {}).items():
             shutil.copyfile(source, workdir / name)
@@ -504,12 +606,26 @@ def write_export(out: Path, specs: list[GraphSpec], config: ExportConfig,
             raise ValidationFailed(f"graph(s) over tolerance: {', '.join(failed)}; nothing written to {out}")
         if config.precision == "int8":  # quantise the validated fp32 graphs, then gate them
             from .quantize import quantize_export
-            manifest = quantize_export(workdir, config.calibration_data, config.gate_data, config.int8_method,
-                                       seed=config.seed, families=config.int8_graphs, log=log)
+            with step("int8 quantise + gates", graph="-"):
+                manifest = quantize_export(workdir, config.calibration_data, config.gate_data, config.int8_method,
+                                           seed=config.seed, families=config.int8_graphs, log=log)
+        # What the export needed, for its users' machines (tests/test_export_memory.py checks the bound).
+        written = sum(p.stat().st_size for p in workdir.iterdir() if p.is_file() and p.name != MANIFEST_NAME)
+        peak = window.close()
+        manifest.setdefault("exporter", {})["peak_rss_bytes"] = peak
+        if started is not None:
+            manifest["exporter"]["seconds"] = round(time.perf_counter() - started, 1)
+        manifest.setdefault("validation", {}).update(peak_rss_bytes=peak, export_bytes=written,
+                                                     memory_bound_bytes=memory_bound_bytes(written))
+        (workdir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
         _replace(workdir, out)
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
+        window.close()
         raise
+    seconds = f" in {time.perf_counter() - started:.1f}s" if started is not None else ""
+    log(f"wrote {len(graphs)} graphs ({written / 1e9:.2f} GB) to {out}{seconds}; peak RSS {peak / 1e9:.2f} GB "
+        f"(bound 2 x bytes + 1.5 GB = {memory_bound_bytes(written) / 1e9:.2f} GB)")
     return manifest
 
 

@@ -26,11 +26,14 @@ def check_precision(precision: str) -> str:
     return precision
 
 
-def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+def to_fp16(model: onnx.ModelProto, shapes_inferred: bool = False) -> onnx.ModelProto:
+    """``shapes_inferred``: the model's value_info is complete already (``onnx.shape_inference``),
+    so the converter need not run it on the model with all its weights (several copies of them)."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FP32_OPS))
-    return convert_float_to_float16(_outputs_from_nodes(model), keep_io_types=True, op_block_list=block)
+    return convert_float_to_float16(_outputs_from_nodes(model), keep_io_types=True, op_block_list=block,
+                                    disable_shape_infer=shapes_inferred)
 
 
 def _outputs_from_nodes(model: onnx.ModelProto) -> onnx.ModelProto:

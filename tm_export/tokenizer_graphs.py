@@ -2,13 +2,11 @@
 and the LULC ViT decoder. The DDIM loop and FSQ ids -> codes run in numpy in the runtime."""
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from .graphs import BATCH, GraphSpec, TensorDecl
 from .reference.tokenizers import LulcDecoder, Tokenizer, TokenizerEncoder, UNetStep
-from .winograd import use_winograd
+from .winograd import winograd_copy
 
 
 def tokenize_graph_name(modality: str) -> str:
@@ -78,8 +76,8 @@ def tokenizer_specs(name: str, tok: Tokenizer, decoder: bool = True, winograd: i
         reference = DDIMUNetStep(tok.decoder)
         module, extra = reference, {}
         if winograd:
-            module = DDIMUNetStep(copy.deepcopy(tok.decoder))
-            extra = {"winograd": {"tile": winograd, "convolutions": use_winograd(module, winograd)}}
+            module, count = winograd_copy(reference, winograd, unet_sample(1, torch.Generator().manual_seed(0)))
+            extra = {"winograd": {"tile": winograd, "convolutions": count}}
         specs.append(GraphSpec(
             name=unet_graph_name(name), module=module, reference=reference if winograd else None,
             inputs=[TensorDecl("x_t", "float32", (BATCH, channels, size, size)),

@@ -1,6 +1,7 @@
 """Numerical validation of an exported graph against the PyTorch reference."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -8,6 +9,7 @@ import onnxruntime as ort
 import torch
 
 from .graphs import GraphSpec
+from .memory import step
 
 
 @dataclass
@@ -58,19 +60,30 @@ def compare(name: str, batch: int, got: np.ndarray, ref: np.ndarray, quantised: 
     return OutputError(name, batch, max_abs, max_rel, psnr_db=psnr, argmax_agreement=agreement)
 
 
-def validate_graph(spec: GraphSpec, onnx_path: str, batches: tuple[int, ...] = (1, 3), seed: int = 0) -> list[OutputError]:
-    """Run the graph on ONNX Runtime (CPU) and the reference on the same random inputs."""
-    session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+def validate_graph(spec: GraphSpec, onnx_path: str, batches: tuple[int, ...] = (1, 3), seed: int = 0,
+                   release: Callable[[], None] | None = None) -> list[OutputError]:
+    """Run the graph on ONNX Runtime (CPU) and the reference on the same random inputs.
+
+    The reference runs first, on every batch; then ``release`` (if given) may free its weights
+    before the session loads the graph's, so that the two copies are never in memory together."""
     gen = torch.Generator().manual_seed(seed)
-    errors = []
+    runs = []
     for batch in batches:
         inputs = spec.sample(batch, gen)
-        with torch.no_grad():
+        with torch.no_grad(), step(f"reference b{batch}"):
             ref = (spec.reference or spec.module)(*inputs)
         ref = ref if isinstance(ref, (tuple, list)) else (ref,)
-        feeds = {decl.name: t.numpy() for decl, t in zip(spec.inputs, inputs)}
-        got = session.run([d.name for d in spec.outputs], feeds)
-        errors += [compare(d.name, batch, g, r.numpy(), quantised=d.name in spec.quantised_outputs,
+        runs.append((batch, {decl.name: t.numpy() for decl, t in zip(spec.inputs, inputs)}, [r.numpy() for r in ref]))
+        del inputs, ref
+    if release is not None:
+        release()
+    with step("session"):
+        session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    errors = []
+    for batch, feeds, ref in runs:
+        with step(f"ort b{batch}"):
+            got = session.run([d.name for d in spec.outputs], feeds)
+        errors += [compare(d.name, batch, g, r, quantised=d.name in spec.quantised_outputs,
                            argmax_axis=spec.extra.get("argmax_axis") if d.name == "logits" else None)
                    for d, g, r in zip(spec.outputs, got, ref)]
     return errors

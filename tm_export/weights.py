@@ -162,17 +162,21 @@ def random_state(state: dict[str, torch.Tensor], seed: int, keep: tuple[str, ...
     drawn around 1, so activations stay finite through a 50-layer UNet; keys ending in ``keep``
     (the fixed positional tables) are left as built.
     """
+    return {key: value for key, (_, value) in zip(state, random_values(state, seed, keep))}
+
+
+def random_values(state: dict[str, torch.Tensor], seed: int, keep: tuple[str, ...] = ("pos_emb",)):
+    """``random_state``'s values one at a time, as (tensor of ``state``, new value) pairs: the same
+    tensor where it is kept. Copying each into place never holds two copies of the weights."""
     gen = torch.Generator().manual_seed(seed)
-    out = {}
     for key, value in state.items():
         if not value.is_floating_point() or key.endswith(keep):
-            out[key] = value
+            yield value, value
             continue
         noise = torch.randn(value.shape, generator=gen)
         if value.dim() >= 2:
-            out[key] = noise / value[0].numel() ** 0.5
+            yield value, noise / value[0].numel() ** 0.5
         elif key.endswith("weight"):
-            out[key] = 1.0 + 0.2 * noise
+            yield value, 1.0 + 0.2 * noise
         else:
-            out[key] = 0.1 * noise
-    return out
+            yield value, 0.1 * noise

@@ -15,6 +15,9 @@ GPU runtimes pick Winograd or not themselves (cuDNN, TensorRT): do not use this 
 """
 from __future__ import annotations
 
+import copy
+from itertools import chain
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -50,6 +53,21 @@ class _DepthToSpaceDCR(torch.autograd.Function):
         return g.op("DepthToSpace", x, blocksize_i=block, mode_s="DCR")
 
 
+class _BroadcastMatMul(torch.autograd.Function):
+    """``torch.matmul(u, v)`` for u (P, 1, K, C) and v (P, B, C, T), exported as the one ONNX
+    MatMul it is. torch's own matmul copies u once per batch row to broadcast it, and the ONNX
+    tracer keeps every such copy alive until the trace ends (B x the transformed weights: 3.4 GB
+    for an official UNet at the trace's batch of 2); this runs one matmul per row instead."""
+
+    @staticmethod
+    def forward(ctx, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # noqa: ARG004 - autograd signature
+        return torch.stack([torch.matmul(u[:, 0], v[:, b]) for b in range(v.shape[1])], dim=1)
+
+    @staticmethod
+    def symbolic(g, u, v):
+        return g.op("MatMul", u, v)
+
+
 class WinogradConv2d(nn.Module):
     """Drop-in for a 3x3, stride 1, padding 1, ungrouped ``nn.Conv2d`` (weights taken at
     construction: build it after loading the checkpoint). Spatial sizes are read as constants at
@@ -69,19 +87,23 @@ class WinogradConv2d(nn.Module):
         out_channels, in_channels = weight.shape[:2]
         # U[a, b] = G g G^T per (out, in) channel pair, laid out for one batched MatMul per (a, b).
         u = torch.einsum("au,kcuv,bv->abkc", g, weight, g).reshape(n * n, 1, out_channels, in_channels)
-        self.register_buffer("u", u.to(torch.float32), persistent=False)
+        del weight
+        # Buffers, and persistent ones: the ONNX exporter takes these as initializers (which
+        # tm_export.streaming saves without a copy), non-persistent ones as Constant nodes inside
+        # the graph's protobuf.
+        self.register_buffer("u", u.to(torch.float32))
+        del u
         input_kernel = torch.einsum("au,bv->abuv", bt, bt).reshape(n * n, 1, n, n)
-        self.register_buffer("input_kernel", input_kernel.repeat(in_channels, 1, 1, 1).float(), persistent=False)
+        self.register_buffer("input_kernel", input_kernel.repeat(in_channels, 1, 1, 1).float())
         # Y (m*m outputs) = (A^T kron A^T) M (n*n values) per tile and output channel: one small GEMM.
-        self.register_buffer("output_matrix", torch.einsum("pa,qb->pqab", at, at).reshape(tile * tile, n * n).float(),
-                             persistent=False)
+        self.register_buffer("output_matrix", torch.einsum("pa,qb->pqab", at, at).reshape(tile * tile, n * n).float())
         bias = conv.bias.detach() if conv.bias is not None else torch.zeros(out_channels)
-        self.register_buffer("bias", bias.float().reshape(1, -1, 1, 1), persistent=False)
+        self.register_buffer("bias", bias.float().reshape(1, -1, 1, 1))
         self.tile, self.in_channels, self.out_channels = tile, in_channels, out_channels
         # Below min_size x min_size pixels the (m+2)^2/9 times larger weights cost more to stream
         # than the saved multiplications: such maps keep the direct convolution (decided at trace time).
         self.min_size = min_size
-        self.register_buffer("weight", conv.weight.detach().float(), persistent=False)
+        self.register_buffer("weight", conv.weight.detach().float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m, n = self.tile, self.tile + 2
@@ -94,7 +116,7 @@ class WinogradConv2d(nn.Module):
         # (B, C*n*n, rows, cols): channel c's n*n transformed values of every tile
         v = F.conv2d(padded, self.input_kernel, stride=m, groups=self.in_channels)
         v = v.reshape(batch, self.in_channels, n * n, rows * cols).permute(2, 0, 1, 3)
-        prod = torch.matmul(self.u, v)  # (n*n, B, K, tiles)
+        prod = _BroadcastMatMul.apply(self.u, v)  # (n*n, B, K, tiles)
         y = torch.matmul(self.output_matrix, prod.reshape(n * n, -1))  # (m*m, B*K*tiles)
         # batch first (contiguous K*tiles blocks move), then the tiles' m x m outputs into place
         y = y.reshape(m * m, batch, self.out_channels * rows * cols).transpose(0, 1)
@@ -107,15 +129,61 @@ def is_winograd_eligible(module: nn.Module) -> bool:
             and module.padding == (1, 1) and module.dilation == (1, 1) and module.groups == 1)
 
 
-def use_winograd(module: nn.Module, tile: int = 4, min_channels: int = 64) -> int:
+def use_winograd(module: nn.Module, tile: int = 4, min_channels: int = 64,
+                 input_sizes: dict[str, int] | None = None, min_size: int = 14, _prefix: str = "") -> int:
     """Replace, in place, every eligible 3x3 convolution with at least ``min_channels`` input and
     output channels (the thin stem/output convolutions gain nothing) by ``WinogradConv2d``.
-    Returns how many were replaced."""
+    With ``input_sizes`` (qualified name -> smaller side of its input, see ``conv_input_sizes``),
+    convolutions on maps under ``min_size`` stay as they are (``WinogradConv2d`` would run them
+    directly anyway, after computing transformed weights it never uses). Returns how many were
+    replaced."""
     count = 0
     for name, child in list(module.named_children()):
+        qualified = _prefix + name
         if is_winograd_eligible(child) and min(child.in_channels, child.out_channels) >= min_channels:
-            setattr(module, name, WinogradConv2d(child, tile))
-            count += 1
+            if input_sizes is None or input_sizes.get(qualified, min_size) >= min_size:
+                setattr(module, name, WinogradConv2d(child, tile, min_size))
+                count += 1
         else:
-            count += use_winograd(child, tile, min_channels)
+            count += use_winograd(child, tile, min_channels, input_sizes, min_size, qualified + ".")
     return count
+
+
+def _tensors(module: nn.Module):
+    return chain(module.parameters(), module.buffers())
+
+
+def conv_input_sizes(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[str, int] | None:
+    """The smaller spatial side of every Conv2d's input when ``module`` runs on ``inputs``, found
+    by running a copy of it on the meta device (shapes only: no weights, no arithmetic); None
+    where that copy cannot run."""
+    memo = {}
+    for t in _tensors(module):
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=False) if isinstance(t, nn.Parameter) else meta
+    try:
+        shadow = copy.deepcopy(module, memo)
+        sizes: dict[str, int] = {}
+        def record(name: str):
+            def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
+                sizes[name] = min(args[0].shape[-2:])
+            return hook
+
+        for name, child in shadow.named_modules():
+            if isinstance(child, nn.Conv2d):
+                child.register_forward_hook(record(name))
+        with torch.no_grad():
+            shadow(*(x.to("meta") for x in inputs))
+    except Exception:  # an op without a meta kernel: the caller replaces every eligible convolution
+        return None
+    return sizes
+
+
+def winograd_copy(module: nn.Module, tile: int, inputs: tuple[torch.Tensor, ...],
+                  min_channels: int = 64) -> tuple[nn.Module, int]:
+    """A copy of ``module`` whose eligible 3x3 convolutions (on maps the size of ``inputs``') are
+    ``WinogradConv2d``; it shares every other tensor with ``module`` (no copy of the weights), so
+    only the transformed convolution weights are new. Returns it and how many were replaced."""
+    sizes = conv_input_sizes(module, inputs)
+    rewrite = copy.deepcopy(module, {id(t): t for t in _tensors(module)})
+    return rewrite, use_winograd(rewrite, tile, min_channels, input_sizes=sizes)

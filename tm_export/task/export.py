@@ -160,8 +160,6 @@ def export_task(config: TaskExportConfig, log: Callable[[str], None] = print) ->
         manifest["task"] = task_section(spec, model, config.image_size, tim_section)
         return manifest
 
-    manifest = write_export(out, specs, graph_config, make_manifest, log,
-                            {"task_config": (Path(config.task_config), TASK_CONFIG_FILE)})
-    log(f"wrote {len(specs)} graphs ({spec.task_type} task, {spec.backbone}) to {out} in "
-        f"{time.perf_counter() - start:.1f}s")
-    return manifest
+    log(f"{spec.task_type} task, {spec.backbone}: {len(specs)} graphs")
+    return write_export(out, specs, graph_config, make_manifest, log,
+                        {"task_config": (Path(config.task_config), TASK_CONFIG_FILE)}, started=start)
