@@ -98,7 +98,10 @@ def test_embed_smoke_is_torch_free_and_writes_json(bench_tiny_export: Path, tmp_
     assert result["versions"]["onnxruntime"] and result["versions"]["numpy"]
     assert set(result["session_creation_s"]) == {"embed_S2L2A", "embed_S1GRD", "encoder"}
     assert result["memory"]["peak_rss_ort_bytes"] > 0
-    assert result["gemm"]["rate_gflops"] > 0 and result["gemm"]["rate_source"] == "numpy"
+    # the floor takes the faster of numpy's and ONNX Runtime's sgemm (which one wins is the machine's call)
+    gemm = result["gemm"]
+    assert set(gemm) >= {"numpy", "onnxruntime"} and gemm["rate_source"] in ("numpy", "onnxruntime")
+    assert gemm["rate_gflops"] == max(gemm["numpy"]["gflops_best"], gemm["onnxruntime"]["gflops_best"]) > 0
     assert [run["batch"] for run in result["runs"]] == [1, 2]
     for run in result["runs"]:
         names = [r["name"] for r in run["rows"]]

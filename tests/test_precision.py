@@ -70,3 +70,27 @@ def test_bf16_and_unknown_precision_are_refused(tmp_path):
     with pytest.raises(ValueError, match="--precision must be one of fp32, fp16, int8"):
         export(cfg(tmp_path / "c", "int4"), log=lambda s: None)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fp16_graph_with_a_constant_output_loads(tmp_path):
+    """A folded constant that is also a graph output (the position embedding at --image-size 256)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tm_export.precision import to_fp16
+
+    emb = np.linspace(-1, 1, 12, dtype=np.float32).reshape(1, 3, 4)
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["image", "image"], ["tokens"])], "g",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["batch", 4]),
+         helper.make_tensor_value_info("emb", TensorProto.FLOAT, [1, 3, 4])],
+        initializer=[numpy_helper.from_array(emb, "emb")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "fp16.onnx"
+    onnx.save(to_fp16(model), path)
+    x = np.array([[1, 2, 3, 4]], np.float32)
+    tokens, got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": x})
+    assert got.dtype == np.float32 and tokens.dtype == np.float32
+    np.testing.assert_allclose(got, emb, atol=1e-3)
+    np.testing.assert_allclose(tokens, x * x, rtol=1e-3)

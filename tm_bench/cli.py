@@ -8,6 +8,7 @@
     tm-bench accuracy DIR [--backend openvino --precision bf16] [--reference FP32_DIR] [--data TILES_DIR]
     tm-bench memory DIR [--outputs S1GRD LULC] [--workloads load embed generate] [--json FILE]
     tm-bench predict DIR [--batch 1 8] [--compare-torch --ckpt CKPT] [--backend ...] [--precision ...]
+    tm-bench scene DIR [--size 2048] [--rss-sizes 1024 8192] [--ray]   (whole scenes: tm_bench/scene.py)
 """
 from __future__ import annotations
 
@@ -168,6 +169,11 @@ def _predict(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["scene"]:  # whole scenes through tm-run's pipeline; parses its own options
+        from .scene import main as scene_main
+
+        return scene_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "predict":
         try:

@@ -56,8 +56,15 @@ def _stages(rt: TerraMindRuntime, timing: TimingBackend, total: float) -> dict[s
     embed = sum(s for g, s in timing.seconds.items() if g.startswith("embed_"))
     encoder = timing.seconds.get(task.encoder_graph, 0.0)
     head = timing.seconds.get(task.head_graph, 0.0)
-    return {"patch_embeddings": embed, "encoder": encoder, "head": head,
-            "host (checks, merge, pooling, outputs)": max(total - embed - encoder - head, 0.0)}
+    stages = {"patch_embeddings": embed, "encoder": encoder, "head": head}
+    if rt.tim is not None:
+        # The TiM step's own graphs: the generation model's (tim_*) and the decoder's. A generation
+        # model that shares the fine-tuned encoder's weights runs that graph, counted under "encoder".
+        own = set(rt.tim.generation_graphs.values())
+        stages["tim step (generation encoder, decoder)"] = sum(
+            s for g, s in timing.seconds.items() if g in own or g.startswith("decoder"))
+    stages["host (checks, merge, pooling, outputs)"] = max(total - sum(stages.values()), 0.0)
+    return stages
 
 
 def _runtime_phase(rt: TerraMindRuntime, inputs: dict[str, np.ndarray], warmup: int, iters: int) -> dict[str, list[float]]:
@@ -119,7 +126,7 @@ def run_predict_benchmark(config: PredictBenchConfig, log: Log = print) -> dict[
 def _torch_phase(rt: TerraMindRuntime, config: PredictBenchConfig, threads: int, result: dict, log: Log,
                  engine: str) -> None:
     log("--compare-torch: building terratorch's task model on the export's checkpoint")
-    from .predict_torch import build_terratorch_task, terratorch_runner
+    from .predict_torch import build_terratorch_task, terratorch_runner, tim_temperature
     from .torch_side import configure_torch
 
     task, info = build_terratorch_task(rt.manifest, config.ckpt)
@@ -131,11 +138,13 @@ def _torch_phase(rt: TerraMindRuntime, config: PredictBenchConfig, threads: int,
     for run in result["runs"]:
         batch = run["batch"]
         inputs = task_inputs(rt, batch, config.seed)
-        ours = rt.predict(inputs, standardize=False)
+        # TiM models sample; the outputs are compared at temperature 0 (argmax on both sides).
+        ours = rt.predict(inputs, standardize=False, **({"tim_temperature": 0.0} if rt.tim else {}))
         run["max_rel_diff_vs_runtime"] = {}
-        for name, fn in contenders.items():
-            out = fn(inputs)
-            run["max_rel_diff_vs_runtime"][name] = float(np.abs(out - ours).max() / np.abs(out).max())
+        with tim_temperature(task, 0.0):
+            for name, fn in contenders.items():
+                out = fn(inputs)
+                run["max_rel_diff_vs_runtime"][name] = float(np.abs(out - ours).max() / np.abs(out).max())
         runs = [(engine, lambda: rt.predict(inputs, standardize=False))]
         runs += [(name, lambda fn=fn: fn(inputs)) for name, fn in contenders.items()]
         log(f"interleaved {engine} / {' / '.join(contenders)}, batch {batch}")

@@ -5,6 +5,7 @@ Imports torch and terratorch; only ``predict`` imports this module, and only for
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 from typing import Any
@@ -55,3 +56,17 @@ def terratorch_runner(task: torch.nn.Module, precision: str):
         return out if out.ndim == 4 else out[:, None]
 
     return run
+
+
+@contextlib.contextmanager
+def tim_temperature(task: torch.nn.Module, value: float):
+    """Within the block, terratorch's TiM backbones (if any) sample at ``value`` (read per forward)."""
+    backbones = [m for m in task.modules() if hasattr(m, "tim_temps")]
+    saved = [m.tim_temps for m in backbones]
+    for m in backbones:
+        m.tim_temps = value
+    try:
+        yield
+    finally:
+        for m, old in zip(backbones, saved):
+            m.tim_temps = old

@@ -106,13 +106,14 @@ def build_reference(config: ExportConfig, log: Callable[[str], None] = print) ->
     return model, info
 
 
-def build_models(config: ExportConfig, log: Callable[[str], None] = print,
-                 state: dict | None = None) -> tuple[TerraMindModel, TerraMindModel | None, dict]:
+def build_models(config: ExportConfig, log: Callable[[str], None] = print, state: dict | None = None,
+                 state_source: str = "the given state_dict") -> tuple[TerraMindModel, TerraMindModel | None, dict]:
     """The reference model, a TiM backbone's separate generation model (None when the weights are
     shared, see tim.py), and the manifest's description of where the weights came from.
 
     ``state``: weights already in memory (e.g. the backbone part of a fine-tuned task model; a TiM
-    backbone's keys may keep their prefix, see ``tim.split_tim_state``) instead of ``config.ckpt``.
+    backbone's keys may keep their prefix, see ``tim.split_tim_state``) instead of ``config.ckpt``;
+    ``state_source`` names them in errors.
     """
     variant = get_variant(config.size)
     if config.image_size % 16 or config.image_size < 16:
@@ -128,7 +129,7 @@ def build_models(config: ExportConfig, log: Callable[[str], None] = print,
         tim.check_tim_inputs(config.tim, config.modalities, config.bands)
     path = generation_state = None
     if state is not None:
-        state, generation_state = tim.checkpoint_states(state, config.tim, targets, "the given state_dict")
+        state, generation_state = tim.checkpoint_states(state, config.tim, targets, state_source)
     elif not config.random_init:
         path = Path(config.ckpt) if config.ckpt else W.hub_checkpoint(config.size)
         log(f"weights: {path}")
@@ -153,9 +154,9 @@ def build_models(config: ExportConfig, log: Callable[[str], None] = print,
     if generation_state is not None:  # a TiM backbone's frozen enc-dec: its encoder side
         feed = (list(config.tim.modalities) if config.tim.chained else []) + tokenized
         generation = TerraMindModel(variant, raw, image_size=config.image_size, conditioning=feed).eval()
-        W.load_needed(generation, generation_state, f"{path or 'state_dict'} (TiM generation model, sampler.model.*)")
+        W.load_needed(generation, generation_state, f"{path or state_source} (TiM generation model, sampler.model.*)")
     if state is not None and path is None:
-        W.load_needed(model, state, "the given state_dict")
+        W.load_needed(model, state, state_source)
         info = {"random_init": False, "source": "state_dict"}  # the caller describes where it came from
     elif config.random_init:
         W.randomize(model, config.seed)

@@ -32,5 +32,22 @@ def to_fp16(model: onnx.ModelProto, shapes_inferred: bool = False) -> onnx.Model
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FP32_OPS))
-    return convert_float_to_float16(model, keep_io_types=True, op_block_list=block,
+    return convert_float_to_float16(_outputs_from_nodes(model), keep_io_types=True, op_block_list=block,
                                     disable_shape_infer=shapes_inferred)
+
+
+def _outputs_from_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give every graph output that is a bare initializer an Identity node of its own.
+
+    When an output is constant (e.g. a patch embedding's position embedding, folded at export), the
+    converter casts the fp16 initializer back to an fp32 output of the same name, and the graph then
+    defines that name twice: ONNX Runtime refuses to load it.
+    """
+    initializers = {init.name: init for init in model.graph.initializer}
+    for output in model.graph.output:
+        if output.name in initializers:
+            constant = f"{output.name}_constant"
+            initializers[output.name].name = constant
+            model.graph.node.append(onnx.helper.make_node("Identity", [constant], [output.name],
+                                                          name=f"{output.name}_from_constant"))
+    return model

@@ -131,8 +131,9 @@ class TerraMindRuntime:
     def predict(self, inputs: Mapping[str, np.ndarray], standardize: bool = True, output: str = "logits",
                 check_finite: bool = True, **options) -> np.ndarray:
         """A fine-tuned task model's output, as terratorch's ``task(inputs).output``: (B, K, H, W)
-        float32 logits, ``output="probabilities"`` or ``"classes"`` ((B, H, W) uint8). See
-        ``tm_runtime.task.TaskPipeline.predict``."""
+        float32 logits, ``output="probabilities"`` or ``"classes"`` ((B, H, W) uint8). TiM task
+        models take ``embed``'s ``tim_temperature``, ``tim_top_p``, ``tim_top_k``,
+        ``tim_decoding_steps`` and ``seed``. See ``tm_runtime.task.TaskPipeline.predict``."""
         if self.task is None:
             raise ValueError("this export has no task head (it is a backbone export); export a fine-tuned model "
                              "with tm-export --task-config CONFIG.yaml --ckpt CHECKPOINT")

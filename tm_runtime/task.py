@@ -7,9 +7,10 @@ A small pipeline over the runtime's public pieces, in the order terratorch's Pix
       -> encoder graph (the selected layers) -> merge modalities (numpy) -> [pool dates (numpy)]
       -> head graph (necks + decoder + head) -> logits | probabilities | classes
 
-Each step is a method, so that a variant can change one: a Thinking-in-Modalities task model
-adds generated token parts in ``token_parts`` and names its own fine-tuned encoder graph in the
-manifest (``task.encoder_graph``), while the frozen generation encoder lives in other graphs.
+A Thinking-in-Modalities task model adds the generated modalities' token parts in
+``token_parts`` (``tm_runtime.tim``: the frozen generation model, whose graphs differ from the
+fine-tuned ones where fine-tuning changed the weights); ``task.encoder_graph`` is the fine-tuned
+encoder.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import numpy as np
 
 from .inputs import resolve_names
 from .merge import merge_tokens
+from .tim import TimOptions, tim_parts
 
 if TYPE_CHECKING:
     from .runtime import TerraMindRuntime
@@ -127,7 +129,9 @@ class TaskPipeline:
         self.info = info
 
     def predict(self, inputs: Mapping[str, np.ndarray], standardize: bool = True, output: str = "logits",
-                check_finite: bool = True, **options: Any) -> np.ndarray:
+                check_finite: bool = True, tim_temperature: float | None = None, tim_top_p: float | None = None,
+                tim_top_k: int | None = None, tim_decoding_steps: int | None = None,
+                seed: int | None = None) -> np.ndarray:
         """The task model's output for ``inputs``, as terratorch's ``task(inputs).output``.
 
         ``inputs``: {modality: (B, C, H, W)} — temporal models (B, C, T, H, W), as terratorch takes
@@ -136,14 +140,18 @@ class TaskPipeline:
         ``output``: "logits" (B, K, H, W) float32; "probabilities" (softmax over K) float32;
         "classes" (B, H, W) uint8 (uint16 beyond 256 classes). Regression models give "logits"
         only: their (B, K, H, W) predictions.
+        TiM task models (``rt.task.tim``) first generate their TiM modalities' tokens, as
+        ``embed`` does: ``tim_temperature``, ``tim_top_p``, ``tim_top_k``, ``tim_decoding_steps``
+        (None: the config's backbone_tim_* values, else upstream's defaults) and ``seed`` (None:
+        fresh entropy) steer the sampling; temperature 0 is argmax, deterministic.
         """
-        if options:
-            raise TypeError(f"predict() got unexpected argument(s) {', '.join(sorted(options))}")
+        tim = self.tim_options(tim_temperature, tim_top_p, tim_top_k, tim_decoding_steps, seed)
         self.check_output(output)
         arrays, batch = self.prepare(inputs, standardize, check_finite)
-        parts = self.token_parts(arrays)
+        parts = self.token_parts(arrays, tim)
         tokens = np.concatenate([t for _, t, _ in parts], axis=1)
         layout = [(name, t.shape[1], is_image) for name, t, is_image in parts]
+        # Generated TiM modalities are never missing: only absent inputs are (concat fills them).
         missing = len(self.info.modalities) - len(arrays)
         features = []
         for layer in self.encode(tokens):
@@ -192,9 +200,32 @@ class TaskPipeline:
         batch = next(iter(checked.values())).shape[0] // (steps or 1)
         return checked, batch
 
-    def token_parts(self, arrays: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray, bool]]:
-        """(name, tokens (B', N, D), is an image modality) per encoder input part, in order."""
-        return [(name, self.rt.patch_embed(name, image), True) for name, image in arrays.items()]
+    def tim_options(self, temperature: float | None, top_p: float | None, top_k: int | None,
+                    decoding_steps: int | None, seed: int | None) -> TimOptions | None:
+        """The TiM step's sampling for this call; None for a model without TiM (which refuses
+        ``tim_*`` arguments and ignores ``seed``, as ``embed`` does)."""
+        if self.rt.tim is None:
+            given = {"tim_temperature": temperature, "tim_top_p": top_p, "tim_top_k": top_k,
+                     "tim_decoding_steps": decoding_steps}
+            named = [k for k, v in given.items() if v is not None]
+            if named:
+                raise TypeError(f"predict() got {', '.join(named)}, but this task model has no TiM backbone "
+                                "(its config's backbone is not a terramind_v1_<size>_tim)")
+            return None
+        return TimOptions.resolve(self.rt.tim, temperature, top_p, top_k, decoding_steps, seed)
+
+    def token_parts(self, arrays: dict[str, np.ndarray],
+                    tim: TimOptions | None = None) -> list[tuple[str, np.ndarray, bool]]:
+        """(name, tokens (B', N, D), is an image modality) per encoder input part, in order: the
+        inputs, then (TiM) the generated modalities, as terratorch's TerraMindTiM lays them out."""
+        if self.rt.tim is None:
+            return [(name, self.rt.patch_embed(name, image), True) for name, image in arrays.items()]
+        order = list(arrays)
+        parts = self.rt._input_parts(arrays, None, order)
+        # The frozen generation model writes the TiM modalities' tokens (its own graphs where the
+        # fine-tuned weights differ: manifest tim.generation_graphs); the fine-tuned encoder reads them.
+        thought = tim_parts(self.rt, self.rt.tim, arrays, None, order, parts, tim)
+        return [(name, tokens, True) for name, tokens, _ in parts + thought]
 
     def encode(self, tokens: np.ndarray) -> list[np.ndarray]:
         """The selected layers of the task's (fine-tuned) encoder graph."""

@@ -128,16 +128,30 @@ def token_embedding(rt, modality: str, ids: np.ndarray) -> tuple[np.ndarray, np.
     return tuple(rt.backend.run(graph, {"ids": np.ascontiguousarray(ids, dtype=np.int64)}, ["tokens", "emb"]))
 
 
+def input_graphs(rt, order: Sequence[str]) -> set[str]:
+    """The graphs that embed the inputs ``order``: when the generation model swaps in none of them
+    (a fine-tuned model whose embeddings stayed frozen), it reuses the embedding side's tokens."""
+    out = set()
+    for name in order:
+        if name in rt.manifest.modalities:
+            spec = rt.manifest.modalities[name]
+            out.update(g for g in (spec.graph, spec.tokenize_graph) if g)
+        elif rt.manifest.coords is not None and rt.manifest.coords.embed_graph:
+            out.add(rt.manifest.coords.embed_graph)
+    return out
+
+
 def generate_tim_tokens(rt, config: TimConfig, arrays: dict[str, np.ndarray], coords: np.ndarray | None,
                         order: list[str], parts: list[Part] | None, options: TimOptions) -> dict[str, np.ndarray]:
     """Token ids (B, h, w) of every TiM modality that is not among the inputs ``order``, in
     ``config.modalities`` order. ``parts`` are the inputs' embedding-side parts, reused when the
-    generation model shares their weights (None: computed here)."""
+    generation model runs the same embedding graphs (None: computed here)."""
     todo = [m for m in config.modalities if m not in order]
     if not todo:
         return {}
     gen = generation_model(rt, config)
-    gen_parts = parts if gen is rt and parts is not None else gen._input_parts(arrays, coords, order)
+    reuse = parts is not None and not input_graphs(rt, order) & set(config.generation_graphs)
+    gen_parts = parts if reuse else gen._input_parts(arrays, coords, order)
     tokens = [t for _, t, _ in gen_parts]
     emb = [e for _, _, e in gen_parts]
     batch, grid = tokens[0].shape[0], rt.grid

@@ -12,7 +12,7 @@ import pytest
 
 from .upstream import import_terratorch, randomize_state, rel_error, terramesh_tile
 
-pytestmark = pytest.mark.parity
+pytestmark = [pytest.mark.parity, pytest.mark.big_memory]  # official-size tokenizers or base weights
 REGISTRY = import_terratorch()
 pytest.importorskip("tokenizers", reason="coords need the tokenizers package")
 

@@ -9,7 +9,7 @@ import pytest
 
 from .upstream import import_terratorch, randomize_state, rel_error, terramesh_tile
 
-pytestmark = pytest.mark.parity
+pytestmark = [pytest.mark.parity, pytest.mark.big_memory]  # official-size tokenizers or base weights
 import_terratorch()
 
 import torch  # noqa: E402

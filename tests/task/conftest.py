@@ -34,10 +34,7 @@ def make_case(tmp_path_factory, name: str, backbone: str | None, seed: int, vali
     return TaskCase(config, path, ckpt, folder / "export", task)
 
 
-@pytest.fixture(scope="session")
-def floods_tiny(tmp_path_factory) -> TaskCase:
-    """The official tiny sen1floods11 config as is (S2L1C + S1GRD, mean merge), graphs validated."""
-    return make_case(tmp_path_factory, "sen1floods11_tiny", None, seed=11)
+# floods_tiny (the official tiny sen1floods11 task) is in tests/conftest.py: the scene tests use it too.
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import torch
 
 from tm_export.task.checkpoint import CheckpointError, read_task_checkpoint
 from tm_export.task.config import TaskConfigError, parse_task_config
+from tm_export.tim import TimSettings
 from tm_export.task.model import build_task_model, expected_keys, load_task_state, randomize_task_model
 
 from .terratorch_side import CONFIGS, load_config
@@ -35,7 +36,9 @@ def test_what_the_configs_say():
     assert crop.temporal.pooling == "concat" and crop.temporal.n_timestamps == 3 and crop.num_classes == 13
     assert crop.standardization.mean["S2L2A"][0] == pytest.approx(494.905781)
     tim = parse_task_config(load_config("tim_lulc_sen1floods11_base"))
-    assert tim.tim == {"modalities": ["LULC"]}
+    assert tim.size == "base" and tim.modalities == ("S2L1C", "S1GRD")
+    # Upstream's defaults for what the config leaves out: chained, temperature 1, top-p 0.8, one step.
+    assert tim.tim == TimSettings(("LULC",), chained=True, temperature=1.0, top_p=0.8, top_k=0, decoding_steps=1)
 
 
 def _floods() -> dict:
@@ -104,12 +107,32 @@ def test_unsupported_temporal_settings(temporal, match):
         parse_task_config(config)
 
 
-def test_tim_task_models_are_refused_for_now(tmp_path):
-    from tm_export.task.export import TaskExportConfig, export_task
+@pytest.mark.parametrize("change,match", [
+    ({"backbone_tim_modalities": ["caption"]}, "backbone_tim_modalities: unknown output modality 'caption'"),
+    ({"backbone_tim_modalities": ["coords"]}, "backbone_tim_modalities: TiM modality 'coords': only image"),
+    ({"backbone_tim_modalities": ["S1GRD"]}, "backbone_tim_modalities: S1GRD is also among backbone_modalities"),
+    ({"backbone_tim_modalities": "LULC"}, "backbone_tim_modalities: expected a list"),
+    ({"backbone_tim_modalities": ["LULC", "LULC"]}, "backbone_tim_modalities: a TiM modality is listed twice"),
+    ({"backbone_tim_temps": -1.0}, "backbone_tim_temps: .*temperature must be"),
+    ({"backbone_tim_top_k": 1.5}, "backbone_tim_top_k: expected int, got 1.5"),
+    ({"backbone_tim_decoding_steps": 0}, "backbone_tim_decoding_steps: tim_decoding_steps must be an int >= 1"),
+    ({"backbone_bands": {"S2L1C": ["RED"]}}, "backbone_bands: TiM backbones take no band subsets"),
+    ({"backbone": "terramind_v1_tiny"}, "backbone_tim_modalities: only _tim backbones take TiM arguments"),
+])
+def test_unsupported_tim_settings_name_the_key(change, match):
+    config = load_config("tim_lulc_sen1floods11_base", "terramind_v1_tiny_tim")
+    config["model"]["init_args"]["model_args"].update(change)
+    with pytest.raises(TaskConfigError, match=f"{ARGS}.{match}"):
+        parse_task_config(config)
 
-    with pytest.raises(TaskConfigError, match="backbone: terramind_v1_base_tim is a TiM backbone"):
-        export_task(TaskExportConfig(CONFIGS / "tim_lulc_sen1floods11_base.yaml", tmp_path / "out", random_init=True))
-    assert not (tmp_path / "out").exists()
+
+def test_tim_settings_from_the_config():
+    config = load_config("tim_lulc_sen1floods11_base", "terramind_v1_tiny_tim")
+    config["model"]["init_args"]["model_args"].update({"backbone_tim_modalities": ["NDVI", "LULC"],
+                                                       "backbone_tim_top_p": 0.0, "backbone_tim_temps": 0.5})
+    tim = parse_task_config(config).tim
+    # upstream's top_p=0 (no nucleus filter) is our 1.0
+    assert tim.modalities == ("NDVI", "LULC") and tim.top_p == 1.0 and tim.temperature == 0.5
 
 
 # ---- checkpoints ----

@@ -9,7 +9,7 @@ from tests.parity.upstream import rel_error
 
 from .terratorch_side import standardize_like_datamodule
 
-pytestmark = pytest.mark.parity
+pytestmark = [pytest.mark.parity, pytest.mark.big_memory]  # official-size tokenizers or base weights
 MAX_REL = 1e-4
 
 

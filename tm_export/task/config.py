@@ -15,6 +15,7 @@ from typing import Any
 from tm_runtime.modalities import INPUT_MODALITIES, canonical_name, get_modality, is_coords
 
 from ..reference.terramind import VARIANTS
+from ..tim import TimSettings, check_tim_inputs
 
 MODEL_ARGS = "model.init_args.model_args"
 DATA_ARGS = "data.init_args"
@@ -54,7 +55,8 @@ FINAL_ACTIVATIONS = {"ReLU", "Sigmoid", "Tanh", "Softplus", "Identity"}
 # checkpoint holds the weights, and dropout / drop-path / modality dropout are off at inference.
 IGNORED_BACKBONE_ARGS = {"pretrained", "ckpt_path", "drop_path_rate", "drop_rate", "attn_drop_rate",
                          "modality_drop_rate"}
-TIM_BACKBONE_ARGS = {"tim_modalities", "tim_decoding_steps", "tim_temps", "tim_top_p", "tim_top_k"}
+TIM_BACKBONE_ARGS = {"tim_modalities", "tim_decoding_steps", "tim_temps", "tim_top_p", "tim_top_k",
+                     "tim_chained_generations"}
 # Task arguments about training, logging and metrics; none changes what the model computes.
 TRAINING_TASK_ARGS = {
     "loss", "aux_loss", "class_weights", "var_weights", "ignore_index", "lr", "optimizer", "optimizer_hparams",
@@ -136,7 +138,7 @@ class TaskSpec:
     num_outputs: int | None  # regression
     class_names: tuple[str, ...] | None = None
     temporal: TemporalSpec | None = None
-    tim: dict[str, Any] | None = None  # backbone_tim_* arguments of a ``_tim`` backbone
+    tim: TimSettings | None = None  # a ``_tim`` backbone's TiM step (its backbone_tim_* arguments)
     rescale: bool = True
     image_size_out: tuple[int, int] | None = None
     standardization: Standardization | None = None
@@ -248,7 +250,7 @@ def _parse_model_args(args: dict, task_type: str, task_class: str) -> dict:
     tim_args = {k: backbone_args.pop(k) for k in list(backbone_args) if k in TIM_BACKBONE_ARGS}
     if tim_args and not tim:
         raise TaskConfigError(f"{where}.backbone_{next(iter(tim_args))}: only _tim backbones take TiM arguments")
-    tim_spec = {"modalities": ["LULC"], **{k[len("tim_"):]: v for k, v in tim_args.items()}} if tim else None
+    tim_spec = _parse_tim(tim_args, modalities, bands) if tim else None
     for key, value in list(backbone_args.items()):
         if key in IGNORED_BACKBONE_ARGS:
             backbone_args.pop(key)
@@ -312,6 +314,43 @@ def _parse_model_args(args: dict, task_type: str, task_class: str) -> dict:
             "decoder": decoder, "decoder_args": decoder_args, "head_args": head_args,
             "num_classes": num_classes, "num_outputs": num_outputs, "temporal": temporal, "tim": tim_spec,
             "rescale": bool(rescale), "image_size_out": size_out}
+
+
+def _parse_tim(tim_args: dict, modalities: tuple[str, ...], bands: dict[str, list[str]]) -> TimSettings:
+    """A ``_tim`` backbone's TiM step from its backbone_tim_* arguments (terratorch's defaults
+    for the others: LULC, chained, temperature 1, top-p 0.8, top-k 0, one decoding step)."""
+    if bands:
+        raise TaskConfigError(f"{MODEL_ARGS}.backbone_bands: TiM backbones take no band subsets (terratorch refuses "
+                              "them: the frozen TiM generation model reads the pretrained bands)")
+    listed = tim_args.get("tim_modalities")
+    if listed is not None and (not isinstance(listed, list) or not all(isinstance(m, str) for m in listed)):
+        raise TaskConfigError(f"{MODEL_ARGS}.backbone_tim_modalities: expected a list of modality names, e.g. "
+                              f"[LULC], got {listed!r}")
+    for raw in listed or ():
+        try:
+            clash = canonical_name(raw) in modalities
+        except ValueError:
+            clash = False  # a target-only name (LULC, NDVI): TimSettings checks it
+        if clash:
+            raise TaskConfigError(f"{MODEL_ARGS}.backbone_tim_modalities: {raw} is also among backbone_modalities; "
+                                  "TiM generates modalities that are not inputs (terratorch refuses this too)")
+    kinds = {"tim_temps": (int, float), "tim_top_p": (int, float), "tim_top_k": (int,), "tim_decoding_steps": (int,),
+             "tim_chained_generations": (bool,)}
+    for key, types in kinds.items():
+        value = tim_args.get(key)
+        if value is not None and (not isinstance(value, types) or isinstance(value, bool) and bool not in types):
+            raise TaskConfigError(f"{MODEL_ARGS}.backbone_{key}: expected {' or '.join(t.__name__ for t in types)}, "
+                                  f"got {value!r}")
+    try:
+        settings = TimSettings.from_backbone_kwargs(tim_args)
+        check_tim_inputs(settings, list(modalities), {})
+    except (TypeError, ValueError) as exc:
+        # Name the argument the message is about (the sampling check names all three it reads).
+        named = [k for k in tim_args if k in str(exc)]
+        key = named[0] if len(named) == 1 else "tim_modalities" if "modalit" in str(exc) or not tim_args \
+            else "/".join(sorted(named or tim_args))
+        raise TaskConfigError(f"{MODEL_ARGS}.backbone_{key}: {exc}") from None
+    return settings
 
 
 def _parse_modalities(backbone_args: dict) -> tuple[tuple[str, ...], dict[str, list[str]]]:

@@ -22,9 +22,11 @@ from tm_runtime.modalities import get_modality
 from ..export import ExportConfig, ExportError, _manifest, write_export
 from ..graphs import BATCH, GraphSpec, TensorDecl, embedding_specs, encoder_spec
 from ..precision import check_precision
+from ..tim import mark_tim_only_targets, tim_manifest
 from .checkpoint import read_task_checkpoint
-from .config import TaskConfigError, TaskSpec, load_yaml, parse_task_config
+from .config import TaskSpec, load_yaml, parse_task_config
 from .model import TaskModel, build_task_model, load_task_state, randomize_task_model
+from .tim import tim_graph_specs
 
 HEAD_GRAPH = "head"
 TASK_CONFIG_FILE = "task_config.yaml"
@@ -53,7 +55,7 @@ class TaskExportConfig:
                             bands=dict(spec.bands), image_size=self.image_size, opset=self.opset,
                             precision=self.precision, simplify=self.simplify, validate=self.validate,
                             max_rel_error=self.max_rel_error, overwrite=self.overwrite,
-                            random_init=self.random_init, seed=self.seed, ckpt=self.ckpt)
+                            random_init=self.random_init, seed=self.seed, ckpt=self.ckpt, tim=spec.tim)
 
 
 def head_output_name(spec: TaskSpec) -> str:
@@ -78,7 +80,7 @@ def head_spec(model: TaskModel) -> GraphSpec:
     )
 
 
-def task_section(spec: TaskSpec, model: TaskModel, image_size: int) -> dict:
+def task_section(spec: TaskSpec, model: TaskModel, image_size: int, tim_section: dict | None = None) -> dict:
     """The manifest's ``task``: everything ``predict`` needs beyond the graphs."""
     bands = {m: list(spec.bands.get(m, get_modality(m).bands)) for m in spec.modalities}
     return {
@@ -95,8 +97,9 @@ def task_section(spec: TaskSpec, model: TaskModel, image_size: int) -> dict:
         "image_size": image_size,
         "standardization": spec.standardization.to_json() if spec.standardization else None,
         "temporal": spec.temporal.to_json() if spec.temporal else None,
-        # Filled by TiM task exports: the frozen generation encoder/decoder and the TiM modalities.
-        "tim": None,
+        # A TiM backbone's step (the manifest's top-level ``tim``: modalities, sampling defaults and
+        # the frozen generation model's graphs); ``encoder_graph`` is the fine-tuned encoder.
+        "tim": tim_section,
         "tiled_inference": spec.tiled_inference,
         "config": {"file": TASK_CONFIG_FILE, "backbone": spec.backbone, "necks": [n.name for n in spec.necks],
                    "decoder": spec.decoder, "decoder_args": spec.decoder_args, "head_args": spec.head_args,
@@ -108,11 +111,8 @@ def task_section(spec: TaskSpec, model: TaskModel, image_size: int) -> dict:
 def prepare_task_model(config: TaskExportConfig, log: Callable[[str], None] = print) -> tuple[TaskModel, dict]:
     """Parse the config, build the reference and load the weights (or randomise them)."""
     spec = parse_task_config(load_yaml(config.task_config), source=str(config.task_config))
-    if spec.tim is not None:
-        raise TaskConfigError(f"model.init_args.model_args.backbone: {spec.backbone} is a TiM backbone; fine-tuned "
-                              "TiM task models are not exported yet")
-    model = build_task_model(spec, config.image_size)
     if config.random_init:
+        model = build_task_model(spec, config.image_size, seed=config.seed)
         randomize_task_model(model, config.seed)
         log(f"WARNING: RANDOM WEIGHTS (--random-init --seed {config.seed}): outputs are meaningless; "
             "for tests and benchmarks only")
@@ -121,6 +121,10 @@ def prepare_task_model(config: TaskExportConfig, log: Callable[[str], None] = pr
         raise ExportError("--task-config needs --ckpt CHECKPOINT (what terratorch fit wrote), or --random-init")
     log(f"weights: {config.ckpt}")
     state, facts = read_task_checkpoint(config.ckpt)
+    if spec.tim is not None:  # the TiM backbone loads as it is built (both of its models)
+        model = build_task_model(spec, config.image_size, tim_state=state, source=str(config.ckpt))
+    else:
+        model = build_task_model(spec, config.image_size)
     load_task_state(model, state, str(config.ckpt))
     return model, {"random_init": False, "source": "file", "file": Path(config.ckpt).name,
                    "sha256": sha256_file(config.ckpt), "task_checkpoint": facts}
@@ -140,11 +144,20 @@ def export_task(config: TaskExportConfig, log: Callable[[str], None] = print) ->
     model, weights = prepare_task_model(config, log)
     spec = model.spec
     graph_config = config.graph_config(spec)
-    specs = embedding_specs(model.encoder) + [encoder_spec(model.encoder), head_spec(model)]
+    renames: dict[str, str] = {}
+    if spec.tim is not None:
+        backbone, renames = tim_graph_specs(model)
+    else:
+        backbone = embedding_specs(model.encoder) + [encoder_spec(model.encoder)]
+    specs = backbone + [head_spec(model)]
 
     def make_manifest(graphs: dict, files: dict) -> dict:
         manifest = _manifest(graph_config, model.encoder, weights, graphs, None, files)
-        manifest["task"] = task_section(spec, model, config.image_size)
+        tim_section = None
+        if spec.tim is not None:  # as a TiM backbone export has it: embed runs the fine-tuned TiM backbone
+            tim_section = manifest["tim"] = tim_manifest(spec.tim, renames, model.generation is not None)
+            mark_tim_only_targets(manifest["targets"], spec.tim, [], graphs)
+        manifest["task"] = task_section(spec, model, config.image_size, tim_section)
         return manifest
 
     log(f"{spec.task_type} task, {spec.backbone}: {len(specs)} graphs")

@@ -15,10 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..reference.terramind import TerraMindModel, get_variant
+from ..tim import GENERATION_KEY
 from .config import TaskConfigError, TaskSpec
 from .decoders import build_decoder
 from .heads import RegressionHead, SegmentationHead
 from .necks import SelectIndices, build_neck
+from .tim import build_tim_backbone, tim_backbone_keys
 
 PATCH = 16
 
@@ -100,6 +102,9 @@ class TaskModel:
     head: TaskHead
     # Where the backbone's keys sit in the task state_dict: terratorch's TemporalWrapper nests it.
     encoder_prefix: str
+    # A TiM backbone's frozen generation model (its encoder side; ``encoder`` holds its decoder),
+    # when its weights were read apart from the fine-tuned encoder's (see task/tim.py).
+    generation: TerraMindModel | None = None
 
     @property
     def layers(self) -> list[int]:
@@ -110,29 +115,42 @@ def backbone_channels(spec: TaskSpec) -> list[int]:
     """Channels of every encoder layer after merging and temporal pooling (terratorch's
     ``out_channels`` of the backbone, or of the TemporalWrapper around it)."""
     variant = get_variant(spec.size)
-    dim = variant.dim * (len(spec.modalities) if spec.merge_method == "concat" else 1)
+    # A TiM backbone's generated modalities are image tokens too: concat lays them out after the inputs.
+    images = len(spec.modalities) + (len(spec.tim.modalities) if spec.tim else 0)
+    dim = variant.dim * (images if spec.merge_method == "concat" else 1)
     if spec.temporal is not None and spec.temporal.pooling == "concat":
         dim *= spec.temporal.n_timestamps
     return [dim] * variant.encoder_depth
 
 
-def build_task_model(spec: TaskSpec, image_size: int = 224) -> TaskModel:
+def build_task_model(spec: TaskSpec, image_size: int = 224, tim_state: dict[str, torch.Tensor] | None = None,
+                     seed: int = 0, source: str = "") -> TaskModel:
+    """The task model's reference: backbone and ``TaskHead``, weights still to load
+    (``load_task_state``) or randomise (``randomize_task_model``).
+
+    A TiM backbone (``spec.tim``) is built with its weights in one go (see task/tim.py): from
+    ``tim_state``, the task state_dict ``source`` holds, or seeded random weights when None.
+    """
     if image_size % (2 * PATCH):
         # terratorch pads inputs to a multiple of twice the patch size (reflect) and crops the output
         # back; exports take sizes where that is the identity.
         raise TaskConfigError(f"image size {image_size}: task exports need a multiple of {2 * PATCH} "
                               "(terratorch would pad other sizes)")
+    head = TaskHead(spec, backbone_channels(spec), image_size)
+    prefix = "encoder.encoder." if spec.temporal is not None else "encoder."
+    if spec.tim is not None:
+        encoder, generation = build_tim_backbone(spec, image_size, prefix, tim_state, seed, source)
+        return TaskModel(spec, encoder, head.eval(), prefix, generation)
     variant = get_variant(spec.size)
     channels = {m: len(b) for m, b in spec.bands.items()}
     encoder = TerraMindModel(variant, list(spec.modalities), channels=channels, image_size=image_size)
-    head = TaskHead(spec, backbone_channels(spec), image_size)
-    prefix = "encoder.encoder." if spec.temporal is not None else "encoder."
     return TaskModel(spec, encoder.eval(), head.eval(), prefix)
 
 
 def expected_keys(model: TaskModel) -> dict[str, tuple[nn.Module, str]]:
-    """Every key the task checkpoint must hold -> (module to load it into, key inside it)."""
-    out = {model.encoder_prefix + k: (model.encoder, k) for k in model.encoder.state_dict()}
+    """Every key the task checkpoint must hold -> (module to load it into, key inside it). A TiM
+    backbone's weights are already in place (``build_task_model``): only the head's are listed."""
+    out = {} if model.spec.tim else {model.encoder_prefix + k: (model.encoder, k) for k in model.encoder.state_dict()}
     out.update({k: (model.head, k) for k in model.head.state_dict()})
     return out
 
@@ -146,6 +164,15 @@ def load_task_state(model: TaskModel, state: dict[str, torch.Tensor], source: st
     aux = [k for k in state if k.startswith("aux_heads.")]
     if aux:
         raise TaskConfigError(f"{source}: holds auxiliary heads (model.{aux[0]}), which tm-export does not export")
+    if model.spec.tim:
+        unused |= tim_backbone_keys(model, state)
+    else:
+        tim = next((k for k in state if k.startswith(model.encoder_prefix + GENERATION_KEY)), None)
+        if tim is not None:
+            raise TaskConfigError(
+                f"{source}: holds a TiM backbone (model.{model.encoder_prefix}{GENERATION_KEY}*), but the config's "
+                f"backbone {model.spec.backbone} is not one: set model.init_args.model_args.backbone to "
+                f"terramind_v1_{model.spec.size}_tim (and backbone_tim_modalities as in training)")
     unexpected = [k for k in state if k not in expected and k not in unused]
     missing = [k for k in expected if k not in state]
     hint = ("(does the config's backbone, backbone_modalities, backbone_bands, merge method, necks, decoder and "
@@ -165,7 +192,8 @@ def load_task_state(model: TaskModel, state: dict[str, torch.Tensor], source: st
             raise TaskConfigError(f"{source}: key model.{key} has shape {tuple(got.shape)}, the config builds "
                                   f"{tuple(want.shape)} {hint}")
         per_module.setdefault(id(module), {})[inner] = got.to(want.dtype)
-    model.encoder.load_state_dict(per_module[id(model.encoder)], strict=True)
+    if not model.spec.tim:
+        model.encoder.load_state_dict(per_module[id(model.encoder)], strict=True)
     model.head.load_state_dict(per_module.get(id(model.head), {}), strict=True)
 
 
@@ -174,7 +202,8 @@ def randomize_task_model(model: TaskModel, seed: int) -> None:
     the base export randomises it; necks, decoder and head including BatchNorm statistics."""
     from ..weights import randomize
 
-    randomize(model.encoder, seed)
+    if not model.spec.tim:  # a TiM backbone got its seeded weights when it was built
+        randomize(model.encoder, seed)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, tensor in model.head.state_dict().items():
