@@ -60,7 +60,8 @@ def by_kind(profile: dict) -> dict[str, tuple[float, float, str]]:
 
 def compare(before: dict, after: dict) -> str:
     b, a = by_kind(before), by_kind(after)
-    lines = ["| step | before: highest RSS | before: most added (graph) | after: highest RSS | after: most added (graph) |",
+    lines = ["| step | before: highest RSS | before: most added (graph) | after: highest RSS "
+             "| after: most added (graph) |",
              "|---|---|---|---|---|"]
     for kind in dict.fromkeys(KINDS.values()):
         if kind not in a and kind not in b:

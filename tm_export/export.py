@@ -373,6 +373,7 @@ def export_graph(spec: GraphSpec, workdir: Path, config: ExportConfig, log: Call
     with step("save"):
         external = streaming.save(graph, path, config.external_data_threshold)
     del graph
+    release_memory()  # the protobuf and fp16 arrays freed in small blocks that glibc would keep
     entry = {
         "file": spec.file, "sha256": sha256_file(path),
         "external_data": [{"file": f, "sha256": sha256_file(workdir / f)} for f in external],
@@ -387,9 +388,15 @@ def export_graph(spec: GraphSpec, workdir: Path, config: ExportConfig, log: Call
         t0 = time.perf_counter()
         with step("validate"):
             modules = [m for m in (spec.module, spec.reference) if m is not None]
-            release = None if keep is None else lambda: release_weights(modules, keep)
-            result = summarize(validate_graph(spec, str(path), release=release), entry["max_rel_error"],
-                               spec.max_mismatch)
+
+            def release() -> None:
+                # The reference's weights (and the activations of its runs, in glibc's free lists)
+                # back to the OS before ONNX Runtime loads the graph's.
+                release_weights(modules, keep)
+                release_memory()
+
+            errors = validate_graph(spec, str(path), release=None if keep is None else release)
+            result = summarize(errors, entry["max_rel_error"], spec.max_mismatch)
         entry["validation"] = result
         extra = ""
         if "argmax_agreement" in result:
@@ -539,7 +546,7 @@ def export(config: ExportConfig, log: Callable[[str], None] = print) -> dict:
             tokenizers[source.name] = tok
             yield tokenizer_specs(source.name, tok, decoder=False)  # the encoder graph
             if source.name in outputs:  # the decoder graph; its Winograd rewrite made only now
-                with step("decoder spec (Winograd rewrite)" if config.winograd else "decoder spec"):
+                with step("decoder spec (Winograd rewrite)" if config.winograd else "decoder spec", graph=source.name):
                     decoders = tokenizer_specs(source.name, tok, winograd=config.winograd)[1:]
                 yield decoders
             del tok
@@ -572,12 +579,12 @@ def write_export(out: Path, specs: list[GraphSpec] | Iterable[list[GraphSpec]], 
     file name)}) into it, write ``make_manifest(graphs, files)``, and rename it to ``out`` only if
     every graph validated: nothing half-written is ever left at ``out``. Returns the manifest.
 
-    ``specs``: a list of specs (emptied as they are exported), or stages (lists of specs, e.g. a generator that loads a model
-    only when its stage is due) that share no weights with each other. Within a stage, a graph's
-    weights are freed as soon as no later graph of the stage needs them (the modules keep their
-    structure, on the meta device). ``count``: how many graphs in all, for the log. The export's
-    peak RSS (from ``window`` on, or from this call) and seconds (from ``started``) go into the
-    manifest's ``exporter`` and ``validation`` sections."""
+    ``specs``: a list of specs (emptied as they are exported), or stages (lists of specs, e.g. from
+    a generator that loads a model only when its stage is due) that share no weights with each
+    other. Within a stage, a graph's weights are freed as soon as no later graph of the stage needs
+    them (the modules keep their structure, on the meta device). ``count``: how many graphs in all,
+    for the log. The export's peak RSS (from ``window`` on, or from this call) and seconds (from
+    ``started``) go into the manifest's ``exporter`` and ``validation`` sections."""
     window = window or PeakWindow()
     stages = [specs] if isinstance(specs, list) and all(isinstance(s, GraphSpec) for s in specs) else specs
     total = f"/{count}" if count else ""

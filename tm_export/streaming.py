@@ -65,7 +65,8 @@ class WeightlessModel:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.weights.values()) + sum(_tensor_bytes(t) for t in self.model.graph.initializer)
+        own = sum(_tensor_bytes(t) for t in self.model.graph.initializer)
+        return sum(a.nbytes for a in self.weights.values()) + own
 
 
 def _tensor_bytes(t: TensorProto) -> int:

@@ -107,37 +107,78 @@ def accuracy_report(reference: Any, candidate: Any, inputs: Mapping[str, np.ndar
     """Every gate of ``candidate`` (a TerraMindRuntime on a reduced-precision path) against
     ``reference`` (the same export, or its fp32 twin, in fp32) on ``inputs`` (raw units: both
     standardise them), ``batch`` tiles per call."""
-    limits = {**GATES, **(thresholds or {})}
+    return compare_to_reference(candidate, reference_outputs(reference, inputs, targets, timesteps, seed, batch),
+                                thresholds)
+
+
+@dataclass
+class ReferenceOutputs:
+    """What the gates compare a candidate with, computed by the reference runtime alone (so that
+    its sessions can be released before the candidate's are created: the int8 export's gates then
+    hold one export's graphs in memory, not two)."""
+    chunks: list[dict[str, np.ndarray]]
+    timesteps: int
+    seed: int
+    batch: int
+    embeddings: list[list[np.ndarray]]  # per chunk, every layer
+    # target -> (tokenizer decoder kind, per chunk: (logits, tokens decoded, noise, decoded image))
+    targets: dict[str, tuple[str, list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]]]
+    coords_logits: list[np.ndarray] | None  # per chunk, the first coords token's logits
+
+
+def reference_outputs(reference: Any, inputs: Mapping[str, np.ndarray], targets: list[str] | None = None,
+                      timesteps: int = 10, seed: int = 0, batch: int = 1) -> ReferenceOutputs:
+    """Run ``reference`` on every gate's inputs (``inputs`` in raw units, ``batch`` tiles per call)."""
     count = len(next(iter(inputs.values())))
     chunks = [{m: a[i:i + batch] for m, a in inputs.items()} for i in range(0, count, batch)]
+    embeddings = [reference.embed(chunk, merge_method=None, layers="all", standardize=True) for chunk in chunks]
+    outputs: dict[str, tuple[str, list]] = {}
+    names = [t for t in (targets if targets is not None else reference.manifest.targets) if t != "coords"]
+    for target in names:
+        entry = reference.manifest.targets[target]
+        rows = []
+        for k, chunk in enumerate(chunks):
+            logits = reference.logits(chunk, target, standardize=True)
+            grid = reference.grid
+            tokens = logits.argmax(-1).reshape(-1, grid, grid)
+            noise = np.random.default_rng([seed, k]).standard_normal(
+                (tokens.shape[0], entry.channels, reference.manifest.image_size, reference.manifest.image_size),
+                dtype=np.float32)
+            rows.append((logits, tokens, noise, reference.decode_tokens(target, tokens, timesteps, noise=noise)))
+        outputs[target] = (entry.tokenizer_decoder, rows)
+    coords_logits = None
+    coords = reference.manifest.coords
+    if coords is not None and coords.output and (targets is None or "coords" in targets):
+        # The causal coords decoder: the logits of its first token ([S_1] given).
+        coords_logits = []
+        for chunk in chunks:
+            start = np.full((len(next(iter(chunk.values()))), 1), COORDS.start_id, dtype=np.int64)
+            coords_logits.append(reference.coords_logits(chunk, start, standardize=True))
+    return ReferenceOutputs(chunks, timesteps, seed, batch, embeddings, outputs, coords_logits)
+
+
+def compare_to_reference(candidate: Any, ref: ReferenceOutputs,
+                         thresholds: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """Every gate of ``candidate`` against the reference's outputs ``ref`` (same inputs, tokens and noise)."""
+    limits = {**GATES, **(thresholds or {})}
     layers = {}
-    for chunk in chunks:
-        ref = reference.embed(chunk, merge_method=None, layers="all", standardize=True)
+    for chunk, expected in zip(ref.chunks, ref.embeddings):
         got = candidate.embed(chunk, merge_method=None, layers="all", standardize=True)
-        for i, (r, g) in enumerate(zip(ref, got)):
+        for i, (r, g) in enumerate(zip(expected, got)):
             layers.setdefault(i, []).append(token_cosines(g, r))
     per_layer = [{"layer": i, "min": float(np.concatenate(c).min()), "mean": float(np.concatenate(c).mean())}
                  for i, c in sorted(layers.items())]
     gates = [Gate("token_cosine_min", min(x["min"] for x in per_layer), limits["token_cosine_min"]),
              Gate("token_cosine_mean", min(x["mean"] for x in per_layer), limits["token_cosine_mean"])]
-    report: dict[str, Any] = {"tiles": count, "batch": batch, "timesteps": timesteps, "seed": seed,
+    count = sum(len(next(iter(c.values()))) for c in ref.chunks)
+    report: dict[str, Any] = {"tiles": count, "batch": ref.batch, "timesteps": ref.timesteps, "seed": ref.seed,
                               "token_cosine_per_layer": per_layer, "targets": {}}
-    names = [t for t in (targets if targets is not None else reference.manifest.targets) if t != "coords"]
-    for target in names:
-        entry = reference.manifest.targets[target]
+    for target, (decoder, rows) in ref.targets.items():
         agreements, psnrs, classes = [], [], []
-        for k, chunk in enumerate(chunks):
-            ref_logits = reference.logits(chunk, target, standardize=True)
-            got_logits = candidate.logits(chunk, target, standardize=True)
-            agreements.append(argmax_agreement(got_logits, ref_logits))
-            grid = reference.grid
-            tokens = ref_logits.argmax(-1).reshape(-1, grid, grid)
-            noise = np.random.default_rng([seed, k]).standard_normal(
-                (tokens.shape[0], entry.channels, reference.manifest.image_size, reference.manifest.image_size),
-                dtype=np.float32)
-            ref_img = reference.decode_tokens(target, tokens, timesteps, noise=noise)
-            got_img = candidate.decode_tokens(target, tokens, timesteps, noise=noise)
-            if entry.tokenizer_decoder == "vit":
+        for chunk, (ref_logits, tokens, noise, ref_img) in zip(ref.chunks, rows):
+            agreements.append(argmax_agreement(candidate.logits(chunk, target, standardize=True), ref_logits))
+            got_img = candidate.decode_tokens(target, tokens, ref.timesteps, noise=noise)
+            if decoder == "vit":
                 classes.append(argmax_agreement(got_img, ref_img, axis=1))
             else:
                 psnrs.append(psnr_db(got_img, ref_img))
@@ -150,14 +191,11 @@ def accuracy_report(reference: Any, candidate: Any, inputs: Mapping[str, np.ndar
             row["class_agreement"] = float(np.mean(classes))
             gates.append(Gate(f"lulc_agreement[{target}]", row["class_agreement"], limits["lulc_agreement"]))
         report["targets"][target] = row
-    coords = reference.manifest.coords
-    if coords is not None and coords.output and (targets is None or "coords" in targets):
-        # The causal coords decoder: the logits of its first token ([S_1] given).
+    if ref.coords_logits is not None:
         agreements = []
-        for chunk in chunks:
+        for chunk, expected in zip(ref.chunks, ref.coords_logits):
             start = np.full((len(next(iter(chunk.values()))), 1), COORDS.start_id, dtype=np.int64)
-            agreements.append(argmax_agreement(candidate.coords_logits(chunk, start, standardize=True),
-                                               reference.coords_logits(chunk, start, standardize=True)))
+            agreements.append(argmax_agreement(candidate.coords_logits(chunk, start, standardize=True), expected))
         report["targets"]["coords"] = {"argmax_agreement": float(np.mean(agreements))}
         gates.append(Gate("argmax_agreement[coords]", float(np.mean(agreements)), limits["argmax_agreement"]))
     report["gates"] = {g.name: g.to_json() for g in gates}
