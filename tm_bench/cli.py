@@ -17,21 +17,9 @@ import json
 import sys
 from pathlib import Path
 
+from tm_runtime.cli_args import non_negative_int as _non_negative
+from tm_runtime.cli_args import positive_int as _positive
 from tm_runtime.manifest import ManifestError
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

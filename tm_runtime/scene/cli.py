@@ -17,6 +17,9 @@ import sys
 import warnings
 from pathlib import Path
 
+from ..cli_args import non_negative_int as _non_negative
+from ..cli_args import positive_int as _positive
+
 SUBCOMMANDS = ("predict", "generate", "embed")
 
 
@@ -30,20 +33,6 @@ def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
             raise ValueError(f"{what}: {key} given twice")
         out[key] = value
     return out
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
 
 
 def _common(p: argparse.ArgumentParser) -> None:
