@@ -69,7 +69,8 @@ def compare(before: dict, after: dict) -> str:
         cells = []
         for side in (b, a):
             peak, cost, graph = side.get(kind, (None, None, ""))
-            cells += ["-", "-"] if peak is None else [f"{peak:.2f}", f"+{cost:.2f} ({graph})"]
+            where = f" ({graph})" if graph not in ("", "-") and cost >= 0.01 else ""
+            cells += ["-", "-"] if peak is None else [f"{peak:.2f}", f"+{cost:.2f}{where}"]
         lines.append(f"| {kind} | " + " | ".join(cells) + " |")
     for label, key in (("export peak RSS", "peak_rss_bytes"), ("bytes written", "export_bytes")):
         lines.append(f"| **{label}** | **{before[key] / GB:.2f}** | | **{after[key] / GB:.2f}** | |")

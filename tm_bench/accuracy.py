@@ -3,6 +3,9 @@
     tm-bench accuracy EXPORT --backend openvino --precision bf16      # OpenVINO bf16 vs ORT fp32
     tm-bench accuracy INT8_EXPORT --reference FP32_EXPORT             # an int8 export vs its fp32 twin
 
+A fine-tuned task export is gated through ``predict`` (``tm_runtime.task_accuracy``: encoder token
+cosine, class agreement, logits PSNR) on its own bands and standardisation.
+
 Torch-free. The candidate is ``EXPORT`` on ``--backend`` / ``--precision``; the reference is
 ``--reference`` (default: the same export) on ONNX Runtime CPU, which must be fp32 graphs.
 """
@@ -29,8 +32,9 @@ def _precisions(rt: TerraMindRuntime) -> set[str]:
 def run_accuracy(export_dir: Path, backend: str = "ort-cpu", precision: str | None = None,
                  reference: Path | None = None, data: Path | None = None, tiles: int | None = None,
                  timesteps: int = 10, threads: int | None = None, seed: int = 0,
-                 log: Callable[[str], None] = print) -> dict[str, Any]:
+                 log: Callable[[str], None] = print, tile_scale: dict[str, float] | None = None) -> dict[str, Any]:
     from tm_runtime.accuracy import accuracy_report
+    from tm_runtime.task_accuracy import task_accuracy_report, task_tiles
 
     candidate = TerraMindRuntime(export_dir, threads=threads, backend=runtime_backend(backend),
                                  backend_options=runtime_options(backend, precision, threads))
@@ -42,15 +46,25 @@ def run_accuracy(export_dir: Path, backend: str = "ort-cpu", precision: str | No
         raise ValueError(f"the reference {ref_dir} must be fp32 graphs, it has {sorted(_precisions(ref))}{hint}")
     if reference is not None and ref.manifest.model != candidate.manifest.model:
         raise ValueError(f"--reference {reference} is another model than {export_dir}")
+    if (ref.task is None) != (candidate.task is None):
+        raise ValueError(f"--reference {reference} and {export_dir} must both be task exports, or neither")
+    if tile_scale and candidate.task is None:
+        raise ValueError("--tile-scale is for task exports (their config's statistics may be in other units "
+                         "than the tiles)")
     data = data or DEFAULT_DATA
-    inputs = [m for m in candidate.manifest.modalities]
-    arrays, source = load_tiles(data, inputs, limit=tiles)
+    if candidate.task is not None:
+        arrays, source = task_tiles(data, candidate.task, limit=tiles, scale=tile_scale)
+    else:
+        arrays, source = load_tiles(data, list(candidate.manifest.modalities), limit=tiles)
     log(f"{engine_label(backend, precision)} on {export_dir} vs ONNX Runtime fp32 on {ref_dir}: "
         f"{len(source['tiles'])} tile(s) from {source['dir']}"
         + (f" ({', '.join(f'{m} read from {f}' for m, f in source['substituted'].items())})"
            if source["substituted"] else ""))
     start = time.perf_counter()
-    report = accuracy_report(ref, candidate, arrays, timesteps=timesteps, seed=seed)
+    if candidate.task is not None:
+        report = task_accuracy_report(ref, candidate, arrays, seed=seed)
+    else:
+        report = accuracy_report(ref, candidate, arrays, timesteps=timesteps, seed=seed)
     report.update({"candidate": {"export": str(export_dir), "backend": backend, "precision": precision,
                                  "graph_precisions": sorted(_precisions(candidate))},
                    "reference": {"export": str(ref_dir), "backend": "ort-cpu", "precision": "fp32"},

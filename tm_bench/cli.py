@@ -17,6 +17,7 @@ import json
 import sys
 from pathlib import Path
 
+from tm_runtime.cli_args import modality_factor
 from tm_runtime.cli_args import non_negative_int as _non_negative
 from tm_runtime.cli_args import positive_int as _positive
 from tm_runtime.manifest import ManifestError
@@ -67,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tiles as DIR/<MODALITY>/*.tif, standardised before use (default: ../shared/data/"
                         "terramesh_examples when it exists)")
     a.add_argument("--tiles", type=_positive, default=None, help="use the first N tiles only")
+    a.add_argument("--tile-scale", nargs="+", default=[], metavar="MOD=FACTOR", type=modality_factor,
+                   help="task exports: multiply the tiles of MOD by FACTOR to reach the units of the config's "
+                        "statistics (e.g. S2L2A=0.0001: digital numbers to reflectance)")
     a.add_argument("--timesteps", type=_positive, default=10, help="diffusion steps of the PSNR check (default 10)")
     a.add_argument("--threads", type=_positive, default=None)
     a.add_argument("--seed", type=int, default=0, help="seed of the diffusion noise")
@@ -108,7 +112,8 @@ def _accuracy(args) -> int:
 
     report = run_accuracy(args.export_dir, backend=args.backend, precision=args.precision, reference=args.reference,
                           data=args.data, tiles=args.tiles, timesteps=args.timesteps, threads=args.threads,
-                          seed=args.seed, log=lambda s: print(s, file=sys.stderr, flush=True))
+                          seed=args.seed, log=lambda s: print(s, file=sys.stderr, flush=True),
+                          tile_scale=dict(args.tile_scale))
     from tm_runtime.accuracy import format_report
 
     print(format_report(report))

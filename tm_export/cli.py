@@ -5,6 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from tm_runtime.cli_args import modality_factor
 from tm_runtime.modalities import INPUT_MODALITIES, TARGETS
 
 # What `pip install 'tm-deploy[export]'` adds to the runtime-only install (see pyproject.toml).
@@ -71,9 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8-method", choices=["dynamic", "static"], default="dynamic",
                    help="dynamic: activation ranges per call (default); static: QDQ with activation ranges "
                         "calibrated on --calibration-data")
-    p.add_argument("--int8-graphs", nargs="+", choices=["encoder", "decoders", "unet"],
-                   default=["encoder", "decoders", "unet"],
-                   help="which graphs --precision int8 quantises (default: all three; the rest stay fp32)")
+    p.add_argument("--int8-graphs", nargs="+", choices=["encoder", "decoders", "unet", "head"], default=None,
+                   help="which graphs --precision int8 quantises (default: encoder decoders unet; head = a task "
+                        "model's necks + decoder + head, opt-in; the rest stay fp32)")
+    p.add_argument("--tile-scale", nargs="+", default=[], metavar="MOD=FACTOR", type=modality_factor,
+                   help="--task-config with --precision int8: multiply the calibration/gate tiles of MOD by FACTOR "
+                        "to reach the units of the config's statistics (e.g. S2L2A=0.0001: TerraMesh's digital "
+                        "numbers to reflectance)")
     p.add_argument("--winograd", type=int, nargs="?", const=4, default=0, choices=[2, 4], metavar="M",
                    help="trace the tokenizer UNets' 3x3 convolutions as Winograd F(MxM,3x3) (default M=4): "
                         "~1.4x faster UNet steps on ONNX Runtime CPU, ~4x larger UNet files; fp32 only, "
@@ -108,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
 
             run_task_export(args)
             return 0
+        if args.tile_scale:
+            raise ValueError("--tile-scale is for --task-config exports (a config whose statistics are in other "
+                             "units than the tiles); a backbone export standardises tiles with the pretraining "
+                             "statistics, in TerraMesh's units")
         config = ExportConfig(
             size=args.model, modalities=args.modalities, out=args.out, output_modalities=args.output_modalities,
             tokenizer_ckpts=parse_paths(args.tokenizer_ckpt),

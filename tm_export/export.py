@@ -80,7 +80,8 @@ class ExportConfig:
     calibration_data: Path | None = None
     gate_data: Path | None = None
     int8_method: str = "dynamic"
-    int8_graphs: list[str] = field(default_factory=lambda: ["encoder", "decoders", "unet"])
+    int8_graphs: list[str] | None = None  # None: quantize.DEFAULT_FAMILIES
+    tile_scale: dict[str, float] = field(default_factory=dict)  # task exports: units of the tiles, per modality
 
 
 def _versions() -> dict[str, str]:
@@ -615,7 +616,8 @@ def write_export(out: Path, specs: list[GraphSpec] | Iterable[list[GraphSpec]], 
             from .quantize import quantize_export
             with step("int8 quantise + gates", graph="-"):
                 manifest = quantize_export(workdir, config.calibration_data, config.gate_data, config.int8_method,
-                                           seed=config.seed, families=config.int8_graphs, log=log)
+                                           seed=config.seed, families=config.int8_graphs, log=log,
+                                           tile_scale=config.tile_scale)
         # What the export needed, for its users' machines (tests/test_export_memory.py checks the bound).
         written = sum(p.stat().st_size for p in workdir.iterdir() if p.is_file() and p.name != MANIFEST_NAME)
         peak = window.close()

@@ -29,6 +29,10 @@ Runs after every graph was exported and validated in fp32 (in the export's work 
    ``--gate-data`` (default: the calibration tiles). A failed gate fails the export: nothing is
    written at ``--out``. The manifest records the precision of every graph, the calibration data
    and the gate figures.
+
+A fine-tuned task export (``--task-config``) runs ``predict`` instead of embed/generate in steps 1
+and 3 (``tm_runtime.task_accuracy``: its bands, dates and standardisation); its ``head`` graph (necks,
+decoder: convolutions) is quantised only when asked (``--int8-graphs ... head``).
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ import os
 import shutil
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +56,11 @@ from .memory import release_memory, step
 
 INT8_OPS = ("MatMul", "Gemm", "Conv")
 INT8_METHODS = ("dynamic", "static")
-INT8_FAMILIES = ("encoder", "decoders", "unet")
+INT8_FAMILIES = ("encoder", "decoders", "unet", "head")
+# What --precision int8 quantises unless --int8-graphs says otherwise. A task model's head (necks,
+# UNet decoder) is mostly convolutions, which dynamic quantisation turns into ConvInteger: slower
+# than fp32 on ONNX Runtime CPU (see the UNet note above), so it is opt-in.
+DEFAULT_FAMILIES = ("encoder", "decoders", "unet")
 # Graphs that stay fp32 in an int8 export, by manifest role (besides the patch-embedding graphs).
 KEEP_FP32_ROLES = ("tokenizer_encoder", "token_embedding", "sequence_embedding", "tokenizer_decoder",
                    "decoder_queries", "decoder_head")
@@ -64,9 +73,10 @@ class QuantizationError(ValueError):
 
 def check_int8_config(config: Any) -> None:
     """Fail before anything is traced: the calibration/gate folders must exist."""
-    unknown = sorted(set(config.int8_graphs) - set(INT8_FAMILIES))
-    if unknown or not config.int8_graphs:
-        raise QuantizationError(f"--int8-graphs takes {', '.join(INT8_FAMILIES)}, got {', '.join(config.int8_graphs)}")
+    families = DEFAULT_FAMILIES if config.int8_graphs is None else config.int8_graphs
+    unknown = sorted(set(families) - set(INT8_FAMILIES))
+    if unknown or not families:
+        raise QuantizationError(f"--int8-graphs takes {', '.join(INT8_FAMILIES)}, got {', '.join(families)}")
     if config.int8_method not in INT8_METHODS:
         raise QuantizationError(f"int8 method must be one of {', '.join(INT8_METHODS)}, got {config.int8_method!r}")
     if config.calibration_data is None and (config.int8_method == "static" or config.gate_data is None):
@@ -79,8 +89,9 @@ def check_int8_config(config: Any) -> None:
 
 
 def graph_family(name: str, manifest: dict[str, Any]) -> str | None:
-    """'encoder', 'unet' (diffusion steps), 'decoders' (every other graph with weights worth
-    quantising: the shared decoder transformer, whatever its name) or None (stays fp32: embeddings,
+    """'encoder' (the fine-tuned one in a task export), 'unet' (diffusion steps), 'head' (a task
+    model's necks + decoder + head), 'decoders' (every other graph with weights worth quantising:
+    the shared decoder transformer whatever its name, and a TiM model's generation graphs) or None (stays fp32: embeddings,
     decoder queries and heads, tokenizer encoders, the LULC ViT decoder)."""
     entry = manifest["graphs"][name]
     if name in {m["graph"] for m in manifest["modalities"].values()}:
@@ -89,10 +100,12 @@ def graph_family(name: str, manifest: dict[str, Any]) -> str | None:
         return None
     if name == manifest["encoder"]["graph"]:
         return "encoder"
+    if entry.get("role") == "task_head":
+        return "head"
     return "unet" if entry.get("role") == "diffusion_step" else "decoders"
 
 
-def int8_graphs(manifest: dict[str, Any], families: tuple[str, ...] | list[str] = INT8_FAMILIES) -> list[str]:
+def int8_graphs(manifest: dict[str, Any], families: tuple[str, ...] | list[str] = DEFAULT_FAMILIES) -> list[str]:
     """The graphs an int8 export quantises (by default the encoder, the decoders and the UNets)."""
     return [name for name in manifest["graphs"] if graph_family(name, manifest) in families]
 
@@ -144,23 +157,61 @@ class _Recorder:
         return self.inner.run(name, feeds, outputs)
 
 
-def collect_calibration(export_dir: Path, tiles: dict[str, np.ndarray], graphs: list[str], timesteps: int,
-                        seed: int = 0) -> dict[str, list[dict[str, np.ndarray]]]:
-    """Feeds of ``graphs`` while the fp32 export embeds and generates from every tile (batch 1)."""
+def collect_calibration(export_dir: Path, tiles: dict[str, np.ndarray], graphs: list[str],
+                        workload: "GateWorkload") -> dict[str, list[dict[str, np.ndarray]]]:
+    """Feeds of ``graphs`` while the fp32 export runs ``workload.calibrate`` on every tile (batch 1)."""
     from tm_runtime import TerraMindRuntime
 
     rt = TerraMindRuntime(export_dir, verify=False)
     recorder = _Recorder(rt.backend, set(graphs))
     rt.backend = recorder
-    targets = rt.output_modalities  # coords included: its causal decoder is calibrated too
     count = len(next(iter(tiles.values())))
     for i in range(count):
-        tile = {m: a[i:i + 1] for m, a in tiles.items()}
-        rt.embed(tile, standardize=True)
-        if targets:
-            # Unchained: every output straight from the inputs (no token-embedding graph needed).
-            rt.generate(tile, targets, timesteps=timesteps, seed=seed + i, temperature=0.0, chained=False)
+        workload.calibrate(rt, {m: a[i:i + 1] for m, a in tiles.items()}, i)
     return dict(recorder.feeds)
+
+
+@dataclass
+class GateWorkload:
+    """What the int8 step runs on tiles, for one kind of export: how the tiles are read, the
+    calibration pass (static), and the gates' reference and comparison."""
+    load: Callable[[Path], tuple[dict[str, np.ndarray], dict[str, Any]]]
+    calibrate: Callable[[Any, dict[str, np.ndarray], int], None]  # (runtime, one tile, its index)
+    reference: Callable[[Any, dict[str, np.ndarray]], Any]
+    compare: Callable[[Any, Any, dict[str, float] | None], dict[str, Any]]
+
+
+def foundation_workload(manifest: dict[str, Any], timesteps: int, seed: int) -> GateWorkload:
+    """A backbone/generation export: embed and generate (tm_runtime.accuracy's gates)."""
+    inputs = list(manifest["modalities"])
+
+    def calibrate(rt: Any, tile: dict[str, np.ndarray], i: int) -> None:
+        rt.embed(tile, standardize=True)
+        if rt.output_modalities:  # coords included: its causal decoder is calibrated too
+            # Unchained: every output straight from the inputs (no token-embedding graph needed).
+            rt.generate(tile, rt.output_modalities, timesteps=timesteps, seed=seed + i, temperature=0.0,
+                        chained=False)
+
+    return GateWorkload(
+        load=lambda folder: load_tiles(folder, inputs), calibrate=calibrate,
+        reference=lambda rt, tiles: reference_outputs(rt, tiles, timesteps=timesteps, seed=seed),
+        compare=compare_to_reference)
+
+
+def task_workload(manifest: dict[str, Any], seed: int, tile_scale: dict[str, float] | None = None) -> GateWorkload:
+    """A fine-tuned task export: predict on the task's bands, standardised by its config
+    (tm_runtime.task_accuracy's gates); a TiM step runs at temperature 0."""
+    from tm_runtime.task import TaskInfo
+    from tm_runtime.task_accuracy import compare_task, task_reference, task_tiles
+
+    info = TaskInfo.from_manifest(manifest["task"])
+
+    def calibrate(rt: Any, tile: dict[str, np.ndarray], i: int) -> None:
+        rt.predict(tile, standardize=True, **({"tim_temperature": 0.0, "seed": seed} if rt.tim is not None else {}))
+
+    return GateWorkload(
+        load=lambda folder: task_tiles(folder, info, scale=tile_scale), calibrate=calibrate,
+        reference=lambda rt, tiles: task_reference(rt, tiles, seed=seed), compare=compare_task)
 
 
 class _Reader:
@@ -227,12 +278,16 @@ def _link_reference(workdir: Path, manifest: dict[str, Any]) -> Path:
 
 def quantize_export(workdir: Path, calibration_data: Path | None, gate_data: Path | None = None,
                     method: str = "dynamic", timesteps: int = 10, seed: int = 0,
-                    families: tuple[str, ...] | list[str] = INT8_FAMILIES,
+                    families: tuple[str, ...] | list[str] | None = None,
                     thresholds: dict[str, float] | None = None, log: Callable[[str], None] = print,
-                    tiles_override: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+                    tiles_override: dict[str, np.ndarray] | None = None,
+                    tile_scale: dict[str, float] | None = None) -> dict[str, Any]:
     """Turn the fp32 export in ``workdir`` into the int8 export and gate it; returns the manifest.
     Raises ``tm_export.export.ValidationFailed`` when a gate fails (the caller removes ``workdir``).
-    ``tiles_override``: static calibration tiles given as arrays instead of read from a folder."""
+    A task export (manifest ``task``) is calibrated and gated through ``predict``, any other through
+    embed and generate. ``families``: None = DEFAULT_FAMILIES. ``tiles_override``: static
+    calibration tiles given as arrays instead of read from a folder. ``tile_scale``: per modality,
+    a factor for the tiles (units; task exports)."""
     from tm_runtime import TerraMindRuntime
 
     from .export import ValidationFailed
@@ -247,20 +302,25 @@ def quantize_export(workdir: Path, calibration_data: Path | None, gate_data: Pat
         raise QuantizationError("--precision int8 needs --gate-data DIR or --calibration-data DIR (tiles as "
                                 "DIR/<MODALITY>/*.tif, e.g. the TerraMesh examples) for the accuracy gates")
     manifest = json.loads((workdir / MANIFEST_NAME).read_text())
-    inputs = list(manifest["modalities"])
+    families = tuple(families or DEFAULT_FAMILIES)
+    workload = (task_workload(manifest, seed, tile_scale) if manifest.get("task")
+                else foundation_workload(manifest, timesteps, seed))
     chosen = int8_graphs(manifest, families)
+    if not chosen:
+        raise QuantizationError(f"--int8-graphs {' '.join(families)}: this export has no such graph to quantise "
+                                "(a task export has encoder, head and, with TiM, decoders)")
     calibration: dict[str, Any] = {"used": False, "why": "dynamic quantisation computes activation ranges per call"}
     feeds: dict[str, list] = {}
     if method == "static":
         if tiles_override is not None:
             calib, source = tiles_override, {"dir": None, "tiles": "given as arrays"}
         else:
-            calib, source = load_tiles(calibration_data, inputs)
+            calib, source = workload.load(calibration_data)
         log(f"calibrating {', '.join(chosen)} on {len(next(iter(calib.values())))} tile(s) from {source['dir']}")
-        feeds = collect_calibration(workdir, calib, chosen, timesteps, seed)
+        feeds = collect_calibration(workdir, calib, chosen, workload)
         calibration = {"used": True, **source, "standardized": True, "timesteps": timesteps,
                        "samples_per_graph": {n: len(v) for n, v in feeds.items()}}
-    gate_tiles, gate_source = load_tiles(gate_dir, inputs)
+    gate_tiles, gate_source = workload.load(gate_dir)
     log(f"int8 ({method}): {', '.join(chosen)}")
     ref_dir = _link_reference(workdir, manifest)
     try:
@@ -291,11 +351,10 @@ def quantize_export(workdir: Path, calibration_data: Path | None, gate_data: Pat
         # One runtime at a time: the fp32 one's sessions are gone before the int8 one loads its
         # graphs (both at once held the graphs of two exports, over the export memory bound).
         with step("int8 gates: fp32 reference", graph="-"):
-            expected = reference_outputs(TerraMindRuntime(ref_dir, verify=False), gate_tiles, timesteps=timesteps,
-                                         seed=seed)
+            expected = workload.reference(TerraMindRuntime(ref_dir, verify=False), gate_tiles)
             release_memory(collect=True)
         with step("int8 gates: int8", graph="-"):
-            report = compare_to_reference(TerraMindRuntime(workdir, verify=False), expected, thresholds)
+            report = workload.compare(TerraMindRuntime(workdir, verify=False), expected, thresholds)
         report["data"] = gate_source
         report["reference"] = "the same export's fp32 graphs (validated against PyTorch), ONNX Runtime CPU"
         manifest["accuracy"] = {"int8_vs_fp32": report}

@@ -204,7 +204,8 @@ def compare_to_reference(candidate: Any, ref: ReferenceOutputs,
 
 
 def format_report(report: Mapping[str, Any]) -> str:
-    lines = [f"accuracy vs fp32 on {report['tiles']} tile(s), T={report['timesteps']}:"]
+    steps = f", T={report['timesteps']}" if report.get("timesteps") else ""
+    lines = [f"accuracy vs fp32 on {report['tiles']} tile(s){steps}:"]
     for row in report["token_cosine_per_layer"]:
         lines.append(f"  layer {row['layer']:>2}: token cosine min {row['min']:.6f}  mean {row['mean']:.6f}")
     for name, g in report["gates"].items():

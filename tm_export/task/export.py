@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -48,6 +48,12 @@ class TaskExportConfig:
     validate: bool = True
     max_rel_error: float | None = None
     overwrite: bool = False
+    # --precision int8 (tm_export.quantize; gated through predict, tm_runtime.task_accuracy)
+    calibration_data: Path | None = None
+    gate_data: Path | None = None
+    int8_method: str = "dynamic"
+    int8_graphs: list[str] | None = None
+    tile_scale: dict[str, float] = field(default_factory=dict)
 
     def graph_config(self, spec: TaskSpec) -> ExportConfig:
         """The settings ``export_graph`` and the base manifest read."""
@@ -55,7 +61,9 @@ class TaskExportConfig:
                             bands=dict(spec.bands), image_size=self.image_size, opset=self.opset,
                             precision=self.precision, simplify=self.simplify, validate=self.validate,
                             max_rel_error=self.max_rel_error, overwrite=self.overwrite,
-                            random_init=self.random_init, seed=self.seed, ckpt=self.ckpt, tim=spec.tim)
+                            random_init=self.random_init, seed=self.seed, ckpt=self.ckpt, tim=spec.tim,
+                            calibration_data=self.calibration_data, gate_data=self.gate_data,
+                            int8_method=self.int8_method, int8_graphs=self.int8_graphs, tile_scale=self.tile_scale)
 
 
 def head_output_name(spec: TaskSpec) -> str:
@@ -136,13 +144,18 @@ def export_task(config: TaskExportConfig, log: Callable[[str], None] = print) ->
     if out.exists() and not config.overwrite:
         raise ExportError(f"{out} already exists; pass --overwrite to replace it")
     check_precision(config.precision)
-    if config.precision == "int8":
-        # int8 calibrates and gates through embed/generate on tiles; a task head has no gate yet.
-        raise ExportError("--precision int8 is not supported with --task-config yet; export fp32 (or fp16) and "
-                          "run it on OpenVINO (bf16) for reduced precision")
+    if config.precision == "int8":  # calibrated and gated through predict (tm_runtime.task_accuracy)
+        from ..quantize import check_int8_config
+        check_int8_config(config)
+    elif config.tile_scale:
+        raise ExportError("--tile-scale scales the tiles of --precision int8's calibration and gates")
     start = time.perf_counter()
     model, weights = prepare_task_model(config, log)
     spec = model.spec
+    unknown = sorted(set(config.tile_scale) - set(spec.modalities))
+    if unknown:
+        raise ExportError(f"--tile-scale names {', '.join(unknown)}, which the task config does not take "
+                          f"(backbone_modalities: {', '.join(spec.modalities)})")
     graph_config = config.graph_config(spec)
     renames: dict[str, str] = {}
     if spec.tim is not None:
