@@ -41,21 +41,19 @@ class TimCase:
     task: object
 
 
-@pytest.fixture(scope="module")
-def tim_case(tmp_path_factory) -> TimCase:
+def make_tim_case(tmp_path_factory, config: dict, name: str, seed: int) -> TimCase:
     import torch
     from terratorch.models.backbones.terramind.model import terramind_tim
 
     from tm_export.cli import main
 
-    config = load_config(CONFIG, "terramind_v1_tiny_tim")
-    folder = tmp_path_factory.mktemp("task_tim")
+    folder = tmp_path_factory.mktemp(name)
     path = write_config(config, folder / "config.yaml")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(terramind_tim, "build_tokenizer",
                    lambda *args, **kwargs: torch.nn.ModuleDict({LULC_KEY: torch.nn.Linear(4, 4)}))
         task = build_task(config)
-    randomize_all(task.model, 41)
+    randomize_all(task.model, seed)
     task.eval()
     ckpt = save_like_fit(task, folder / "last.ckpt")
     # predict is compared with terratorch end to end below: no per-graph validation, no simplifier
@@ -64,6 +62,11 @@ def tim_case(tmp_path_factory) -> TimCase:
             "--no-simplify"]
     assert main(argv) == 0
     return TimCase(config, path, ckpt, folder / "export", task)
+
+
+@pytest.fixture(scope="module")
+def tim_case(tmp_path_factory) -> TimCase:
+    return make_tim_case(tmp_path_factory, load_config(CONFIG, "terramind_v1_tiny_tim"), "task_tim", seed=41)
 
 
 def raw_inputs(batch: int = 2) -> dict[str, np.ndarray]:
@@ -180,3 +183,34 @@ def test_tim_checkpoint_config_mismatch_names_the_key(tim_case, tmp_path):
     with pytest.raises(TaskConfigError, match=r"holds a TiM backbone \(model\.encoder\.sampler\.model\.\*\)"):
         export_task(TaskExportConfig(path, tmp_path / "b", ckpt=tim_case.ckpt), log=lambda s: None)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_tim_with_concat_merge_and_temporal_concat_matches_terratorch(tmp_path_factory):
+    """The official TiM config with what it leaves out: modalities merged by 'concat', and the
+    temporal wrapper (2 dates, 'concat' pooling) around the TiM backbone, which then thinks once
+    per date. Logits at TiM temperature 0 against terratorch's."""
+    import torch
+
+    from tm_runtime import TerraMindRuntime
+
+    config = load_config(CONFIG, "terramind_v1_tiny_tim")
+    config["model"]["init_args"]["model_args"].update(
+        backbone_merge_method="concat", backbone_use_temporal=True, backbone_temporal_pooling="concat",
+        backbone_temporal_n_timestamps=2)
+    case = make_tim_case(tmp_path_factory, config, "task_tim_temporal", seed=43)
+    one = raw_inputs()
+    raw = {k: np.stack([v, v[::-1]], axis=2) for k, v in one.items()}  # (B, C, T=2, H, W): other dates per sample
+    for module in case.task.modules():
+        if hasattr(module, "tim_temps"):
+            module.tim_temps = 0.0  # read at forward time
+    with torch.no_grad():
+        ref = case.task(standardize_like_datamodule(case.config, raw)).output.numpy()
+    rt = TerraMindRuntime(case.export)
+    assert rt.task.temporal.pooling == "concat" and rt.task.merge_method == "concat"
+    logits = rt.predict(raw, tim_temperature=0.0)
+    assert logits.shape == ref.shape == (2, 2, 224, 224)
+    err = rel_error(logits, ref)
+    assert err <= MAX_REL, f"logits: relative error {err:.2e}"
+    # The dates are not interchangeable: swapping them changes the prediction (concat keeps their order).
+    swapped = rt.predict({k: v[:, :, ::-1] for k, v in raw.items()}, tim_temperature=0.0)
+    assert rel_error(swapped, ref) > 100 * MAX_REL
