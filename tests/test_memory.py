@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tm_bench.memory import MemoryBenchConfig, format_memory_report, run_memory_benchmark
 from tm_runtime import TerraMindRuntime
 from tm_runtime.manifest import Manifest
@@ -50,3 +52,15 @@ def test_memory_benchmark_in_fresh_processes(small_generate_export, tmp_path):
     report = format_memory_report(result)
     assert "embed created no decoder or tokenizer session" in report and "export (from the manifest)" in report
     json.dumps(result)  # --json writes it as is
+
+
+def test_generate_calls_cover_outputs_that_are_also_inputs():
+    """S2L2A S1GRD -> all six: no output may be an input of its own call, so two calls."""
+    from tm_bench.memory import generate_calls
+
+    calls = generate_calls({"S2L2A": 1, "S1GRD": 2}, ["S2L2A", "S1GRD", "DEM", "LULC"])
+    assert [(sorted(src), dst) for src, dst in calls] == [(["S1GRD"], ["S2L2A", "DEM", "LULC"]), (["S2L2A"], ["S1GRD"])]
+    assert [(sorted(src), dst) for src, dst in generate_calls({"S2L2A": 1, "S1GRD": 2}, ["DEM"])] == \
+        [(["S1GRD", "S2L2A"], ["DEM"])]
+    with pytest.raises(ValueError, match="S2L2A is the only input and also an output"):
+        generate_calls({"S2L2A": 1}, ["S2L2A", "DEM"])

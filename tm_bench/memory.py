@@ -47,6 +47,20 @@ def export_bytes(manifest: Any) -> dict[str, int]:
     return out
 
 
+def generate_calls(inputs: dict[str, Any], outputs: list[str]) -> list[tuple[dict[str, Any], list[str]]]:
+    """(inputs, outputs) of the generate calls that produce every one of ``outputs``: an output
+    cannot also be an input, so when every input is an output too (e.g. S2L2A S1GRD -> all six),
+    the first input's outputs come from the other inputs, and the rest from the first."""
+    free = {k: v for k, v in inputs.items() if k not in outputs}
+    if free:
+        return [(free, list(outputs))]
+    first, *others = inputs
+    if not others:
+        raise ValueError(f"{first} is the only input and also an output: nothing to generate it from")
+    rest = {k: inputs[k] for k in others}
+    return [(rest, [o for o in outputs if o not in rest]), ({first: inputs[first]}, [o for o in outputs if o in rest])]
+
+
 def _child(workload: str, export_dir: str, outputs: list[str], timesteps: int, batch: int,
            threads: int | None) -> dict[str, Any]:
     import numpy as np
@@ -71,8 +85,8 @@ def _child(workload: str, export_dir: str, outputs: list[str], timesteps: int, b
         rt.embed(inputs)
     elif workload == "generate":
         outputs = outputs or rt.output_modalities
-        inputs = {k: v for k, v in inputs.items() if k not in outputs}
-        rt.generate(inputs, outputs, timesteps=timesteps, seed=0)
+        for sources, targets in generate_calls(inputs, outputs):
+            rt.generate(sources, targets, timesteps=timesteps, seed=0)
         out["outputs"] = outputs
     out["rss_after_workload_bytes"] = current_rss_bytes()
     out["peak_rss_bytes"] = peak_rss_bytes()
