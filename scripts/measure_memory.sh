@@ -46,10 +46,11 @@ for entry in sys.argv[2:]:
     name = entry.split(":")[0]
     mem = json.loads((out / f"{name}.memory.json").read_text())
     timed = (out / f"{name}.export_time.txt").read_text()
-    peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", timed).group(1))
     wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", timed).group(1)
     size = mem["export"]["bytes"]
-    export_peak = peak_kb * 1024
+    # The exporter's own figure (manifest): it resets the kernel's high-water mark between steps to
+    # find each step's peak, so /usr/bin/time's "Maximum resident set size" only covers the last steps.
+    export_peak = mem["export"]["export_peak_rss_bytes"]
     w = mem["workloads"]
     gen = w.get("generate", {}).get("peak_rss_bytes")
     embed = json.loads((out / f"{name}.embed.json").read_text())
