@@ -47,3 +47,21 @@ def test_custom_backend_object(tiny_export):
     rt2 = TerraMindRuntime(tiny_export, backend=rt.backend)
     out = rt2.embed({"DEM": np.zeros((1, 1, 224, 224), np.float32)})
     assert out.shape == (1, 196, 192) and calls == ["embed_DEM", "encoder"]
+
+
+def test_ort_lean_memory_gives_the_same_results_without_arenas_or_prepacking(tiny_export):
+    """backend_options={"lean_memory": True}: each session without a CPU arena and without
+    pre-packed weights; the numbers change only by float rounding (another GEMM path), and no
+    timing or RSS is asserted here."""
+    from tests.conftest import random_inputs
+
+    with pytest.raises(ValueError, match="backend_options for backend='ort' are lean_memory; got arena"):
+        TerraMindRuntime(tiny_export, backend_options={"arena": False})
+    lean = TerraMindRuntime(tiny_export, backend_options={"lean_memory": True})
+    default = TerraMindRuntime(tiny_export)
+    x = random_inputs(batch=1)
+    np.testing.assert_allclose(lean.embed(x), default.embed(x), rtol=1e-4, atol=1e-5)
+    lean_options = lean.backend.session("encoder").get_session_options()
+    assert lean_options.enable_cpu_mem_arena is False
+    assert lean_options.get_session_config_entry("session.disable_prepacking") == "1"
+    assert default.backend.session("encoder").get_session_options().enable_cpu_mem_arena is True

@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--timesteps", type=_positive, default=2, help="diffusion steps of the generate run (default 2)")
     m.add_argument("--batch", type=_positive, default=1, help="batch size (default 1)")
     m.add_argument("--threads", type=_positive, default=None, help="ORT intra-op threads")
+    m.add_argument("--lean-memory", action="store_true",
+                   help="run with backend_options={'lean_memory': True}: no per-session CPU arenas, no pre-packed "
+                        "weight copies")
     m.add_argument("--workloads", nargs="+", choices=["load", "embed", "generate"], default=None,
                    help="default: all three (generate only with outputs)")
     m.add_argument("--json", type=Path, default=None, help="write every number here")
@@ -140,7 +143,8 @@ def _memory(args) -> int:
     from .memory import WORKLOADS, MemoryBenchConfig, format_memory_report, run_memory_benchmark
 
     config = MemoryBenchConfig(args.export_dir, args.outputs, timesteps=args.timesteps, batch=args.batch,
-                               threads=args.threads, workloads=tuple(args.workloads or WORKLOADS))
+                               threads=args.threads, workloads=tuple(args.workloads or WORKLOADS),
+                               lean_memory=args.lean_memory)
     result = run_memory_benchmark(config, log=lambda s: print(s, file=sys.stderr, flush=True))
     print(format_memory_report(result))
     if args.json:

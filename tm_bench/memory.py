@@ -36,6 +36,7 @@ class MemoryBenchConfig:
     threads: int | None = None
     workloads: tuple[str, ...] = WORKLOADS
     env: dict[str, str] = field(default_factory=dict)  # extra environment of the children
+    lean_memory: bool = False  # backend_options={"lean_memory": True} (ONNX Runtime)
 
 
 def export_bytes(manifest: Any) -> dict[str, int]:
@@ -62,7 +63,7 @@ def generate_calls(inputs: dict[str, Any], outputs: list[str]) -> list[tuple[dic
 
 
 def _child(workload: str, export_dir: str, outputs: list[str], timesteps: int, batch: int,
-           threads: int | None) -> dict[str, Any]:
+           threads: int | None, lean_memory: bool = False) -> dict[str, Any]:
     import numpy as np
 
     from tm_runtime import TerraMindRuntime
@@ -70,7 +71,7 @@ def _child(workload: str, export_dir: str, outputs: list[str], timesteps: int, b
     from .machine import current_rss_bytes, peak_rss_bytes
 
     out: dict[str, Any] = {"workload": workload, "rss_after_imports_bytes": current_rss_bytes()}
-    rt = TerraMindRuntime(export_dir, threads=threads)
+    rt = TerraMindRuntime(export_dir, threads=threads, backend_options={"lean_memory": True} if lean_memory else None)
     out["rss_after_load_bytes"] = current_rss_bytes()
     rng = np.random.default_rng(0)
     size = rt.manifest.image_size
@@ -104,6 +105,8 @@ def run_child(workload: str, config: MemoryBenchConfig) -> dict[str, Any]:
         cmd += ["--outputs", *config.outputs]
     if config.threads:
         cmd += ["--threads", str(config.threads)]
+    if config.lean_memory:
+        cmd += ["--lean-memory"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **config.env})
     lines = [line for line in proc.stdout.splitlines() if line.startswith(MARKER)]
     if proc.returncode != 0 or not lines:
@@ -124,6 +127,7 @@ def run_memory_benchmark(config: MemoryBenchConfig, log=print) -> dict[str, Any]
     result: dict[str, Any] = {
         "command": "memory", "export_dir": str(config.export_dir), "machine": machine_info(),
         "versions": versions(include_torch=False), "batch": config.batch, "timesteps": config.timesteps,
+        "lean_memory": config.lean_memory,
         "export": {"model": manifest.model.get("size"), "precision": manifest.data.get("precision"),
                    "bytes": sum(sizes.values()), "graph_bytes": sizes,
                    "export_seconds": exporter.get("seconds"), "export_peak_rss_bytes": exporter.get("peak_rss_bytes")},
@@ -142,7 +146,8 @@ def _gib(value: int | None) -> str:
 def format_memory_report(result: dict[str, Any]) -> str:
     e = result["export"]
     lines = [f"tm-bench memory: {result['export_dir']} ({e['model']}, {e['precision']}), "
-             f"{len(e['graph_bytes'])} graphs, {_gib(e['bytes'])} GiB on disk"]
+             f"{len(e['graph_bytes'])} graphs, {_gib(e['bytes'])} GiB on disk"
+             + (", ONNX Runtime lean_memory (no arenas, no pre-packing)" if result.get("lean_memory") else "")]
     if e.get("export_peak_rss_bytes"):
         lines.append(f"  export (from the manifest): peak RSS {_gib(e['export_peak_rss_bytes'])} GiB"
                      + (f", {e['export_seconds']:.0f} s" if e.get("export_seconds") else ""))
@@ -171,8 +176,10 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--timesteps", type=int, default=2)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--lean-memory", action="store_true")
     args = p.parse_args(argv)
-    result = _child(args.child, args.export_dir, args.outputs, args.timesteps, args.batch, args.threads)
+    result = _child(args.child, args.export_dir, args.outputs, args.timesteps, args.batch, args.threads,
+                    args.lean_memory)
     print(MARKER + json.dumps(result), flush=True)
     return 0
 

@@ -11,8 +11,12 @@ import numpy as np
 import onnxruntime as ort
 
 
+# backend_options of backend="ort" (TerraMindRuntime).
+ORT_OPTIONS = ("lean_memory",)
+
+
 def make_session_options(threads: int | None = None, profile_prefix: str | None = None,
-                         spinning: bool = False) -> ort.SessionOptions:
+                         spinning: bool = False, lean_memory: bool = False) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
@@ -24,6 +28,12 @@ def make_session_options(threads: int | None = None, profile_prefix: str | None 
     # embed graphs ran 2-4x slower than with spinning off (see BENCHMARKS.md). Off by default.
     if not spinning:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Every session keeps a CPU arena as large as its biggest run, and pre-packed copies of its
+    # weights: with many graphs loaded (large, six outputs: 26 sessions) that is ~1 GB over the
+    # files (BENCHMARKS.md, "Memory: large"). lean_memory gives both back.
+    if lean_memory:
+        opts.enable_cpu_mem_arena = False
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     if profile_prefix:
         opts.enable_profiling = True
         opts.profile_file_prefix = profile_prefix
@@ -42,10 +52,12 @@ class OrtBackend:
         profile_prefix: str | None = None,
         spinning: bool = False,
         before_first_use: Callable[[str], None] | None = None,
+        lean_memory: bool = False,
     ) -> None:
         self._paths = dict(graph_paths)
         self._before_first_use = before_first_use  # e.g. the sha256 check of the graph's files
         self._spinning = spinning
+        self._lean_memory = lean_memory
         self._providers = list(providers) if providers else ["CPUExecutionProvider"]
         self._threads = threads
         self._profile_prefix = profile_prefix
@@ -65,7 +77,8 @@ class OrtBackend:
                 start = time.perf_counter()
                 sess = ort.InferenceSession(
                     str(self._paths[name]),
-                    sess_options=make_session_options(self._threads, self._profile_prefix, self._spinning),
+                    sess_options=make_session_options(self._threads, self._profile_prefix, self._spinning,
+                                                      self._lean_memory),
                     providers=self._providers,
                 )
                 self.session_seconds[name] = time.perf_counter() - start
