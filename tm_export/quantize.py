@@ -118,11 +118,16 @@ def int8_graphs(manifest: dict[str, Any], families: tuple[str, ...] | list[str] 
 _PASS_THROUGH = ("Add", "Reshape", "Transpose", "Identity", "Cast", "Squeeze", "Unsqueeze", "Flatten")
 
 
+def _constant_names(model: Any) -> set[str]:
+    """Initializers and Constant-node outputs: the tensors no input changes."""
+    constants = {t.name for t in model.graph.initializer}
+    return constants | {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+
+
 def weight_nodes(model: Any) -> list[str]:
     """MatMul/Gemm/Conv nodes with a constant weight (activation x activation products, such as
     q @ k^T in attention, stay fp32: their ranges move with every input)."""
-    constants = {t.name for t in model.graph.initializer}
-    constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    constants = _constant_names(model)
     return [n.name for n in model.graph.node
             if n.op_type in INT8_OPS and len(n.input) > 1 and n.input[1] in constants]
 
@@ -131,8 +136,7 @@ def output_projections(model: Any) -> list[str]:
     """The projections that produce a graph output directly (the decoders' vocabulary projection,
     the UNet's last convolution): kept fp32, since their error lands on the result unmixed. An
     output behind a residual add or a norm (the encoder layers) has none."""
-    constants = {t.name for t in model.graph.initializer}
-    constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    constants = _constant_names(model)
     producer = {o: n for n in model.graph.node for o in n.output}
     found = []
     for output in model.graph.output:
@@ -153,8 +157,7 @@ def gated_projections(model: Any) -> list[str]:
     ``silu(fc1(x)) * fc3(x)`` of two activations, whose tail is far longer than any other MatMul
     input's, and a per-tensor uint8 range over it costs the most accuracy. Found by shape, not by
     name: a weight MatMul fed by a Mul of two non-constant tensors."""
-    constants = {t.name for t in model.graph.initializer}
-    constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    constants = _constant_names(model)
     producer = {o: n for n in model.graph.node for o in n.output}
     by_name = {n.name: n for n in model.graph.node}
     found = []

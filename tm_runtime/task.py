@@ -148,16 +148,23 @@ class TaskPipeline:
         tim = self.tim_options(tim_temperature, tim_top_p, tim_top_k, tim_decoding_steps, seed)
         self.check_output(output)
         arrays, batch = self.prepare(inputs, standardize, check_finite)
+        return self.finish(self.forward(arrays, batch, tim)[1], output)
+
+    def forward(self, arrays: dict[str, np.ndarray], batch: int,
+                tim: TimOptions | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+        """Prepared inputs (``prepare``) -> the encoder layers the head reads (before merging and
+        pooling, as the encoder graph gives them) and the head's raw output."""
         parts = self.token_parts(arrays, tim)
         tokens = np.concatenate([t for _, t, _ in parts], axis=1)
         layout = [(name, t.shape[1], is_image) for name, t, is_image in parts]
         # Generated TiM modalities are never missing: only absent inputs are (concat fills them).
         missing = len(self.info.modalities) - len(arrays)
+        layers = self.encode(tokens)
         features = []
-        for layer in self.encode(tokens):
+        for layer in layers:
             merged = merge_tokens(layer, layout, self.info.merge_method, missing)
             features.append(pool_dates(merged, batch, self.info.temporal) if self.info.temporal else merged)
-        return self.finish(self.head(features), output)
+        return layers, self.head(features)
 
     # -- steps -------------------------------------------------------------------------------
     def check_output(self, output: str) -> None:

@@ -68,6 +68,7 @@ def task_tiles(data_dir: str | Path, info: TaskInfo, limit: int | None = None,
         raise ValueError(f"tile scale given for {', '.join(unknown)}, which this task model does not take "
                          f"(it takes {', '.join(info.modalities)})")
     tiles, source = load_tiles(data_dir, list(info.modalities), limit=limit)
+    steps = dates_needed(info)
     out = {}
     for name, array in tiles.items():
         pretrained = get_modality(name).bands
@@ -76,11 +77,10 @@ def task_tiles(data_dir: str | Path, info: TaskInfo, limit: int | None = None,
                              f"every {name} band in pretraining order ({len(pretrained)}: {', '.join(pretrained)})")
         array = array[:, [pretrained.index(b) for b in info.bands[name]]] * np.float32(scale.get(name, 1.0))
         _check_units(name, array, info, name in scale)
-        steps = dates_needed(info)
         if steps is not None:
             array = np.stack([np.roll(array, -t, axis=0) for t in range(steps)], axis=2)
         out[name] = np.ascontiguousarray(array, dtype=np.float32)
-    return out, {**source, "scale": scale, "dates": dates_needed(info)}
+    return out, {**source, "scale": scale, "dates": steps}
 
 
 def _check_units(name: str, array: np.ndarray, info: TaskInfo, scaled: bool) -> None:
@@ -107,14 +107,13 @@ class TaskReference:
 
 
 def _run(rt: "TerraMindRuntime", chunk: Mapping[str, np.ndarray], seed: int) -> tuple[list[np.ndarray], np.ndarray]:
-    """The encoder layers the head reads and the logits, for one chunk (TiM at temperature 0)."""
+    """The encoder layers the head reads and the logits, for one chunk (TiM at temperature 0): one
+    pass, as ``predict`` runs it."""
     pipeline = TaskPipeline(rt, rt.task)
     tim = pipeline.tim_options(0.0 if rt.tim is not None else None, None, None, None, seed)
-    arrays, _ = pipeline.prepare(chunk, standardize=True, check_finite=True)
-    parts = pipeline.token_parts(arrays, tim)
-    layers = pipeline.encode(np.concatenate([t for _, t, _ in parts], axis=1))
-    extra = {"tim_temperature": 0.0, "seed": seed} if rt.tim is not None else {}
-    return layers, rt.predict(chunk, standardize=True, output="logits", **extra)
+    arrays, batch = pipeline.prepare(chunk, standardize=True, check_finite=True)
+    layers, logits = pipeline.forward(arrays, batch, tim)
+    return layers, pipeline.finish(logits, "logits")
 
 
 def task_reference(reference: "TerraMindRuntime", inputs: Mapping[str, np.ndarray], seed: int = 0) -> TaskReference:
