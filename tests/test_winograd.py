@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from tm_export.export import ExportConfig, ExportError, export
-from tm_export.winograd import WinogradConv2d, is_winograd_eligible, use_winograd
+from tm_export.winograd import WinogradConv2d, fold_batchnorm, is_winograd_eligible, use_winograd, winograd_copy
 from tm_runtime import TerraMindRuntime
 
 
@@ -63,6 +63,55 @@ def test_only_eligible_convolutions_are_replaced():
     assert isinstance(model[4], nn.Conv2d)  # 2 input channels: below min_channels
     with pytest.raises(ValueError, match="3x3, stride 1"):
         WinogradConv2d(nn.Conv2d(4, 4, 3, stride=2, padding=1))
+
+
+def _random_norm(norm: nn.BatchNorm2d, gen: torch.Generator) -> nn.BatchNorm2d:
+    with torch.no_grad():
+        for t in (norm.weight, norm.bias, norm.running_mean):
+            t.copy_(torch.randn(t.shape, generator=gen))
+        norm.running_var.copy_(0.5 + torch.rand(norm.running_var.shape, generator=gen))
+    return norm.eval()
+
+
+def test_batchnorm_folds_into_the_convolution_before_it():
+    gen = torch.Generator().manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, bias=False), _random_norm(nn.BatchNorm2d(16), gen), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1), _random_norm(nn.BatchNorm2d(16), gen),
+                          nn.BatchNorm2d(16).train())  # training mode, and after a norm: not folded
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    copy_ = winograd_copy(model, 4, (torch.randn(1, 8, 16, 16),), min_channels=8)[0]
+    x = torch.randn(2, 8, 16, 16)
+    model[5].eval()
+    copy_[5].eval()
+    with torch.no_grad():
+        ref, got = model(x), copy_(x)
+    assert isinstance(copy_[1], nn.Identity) and isinstance(copy_[4], nn.Identity)
+    assert isinstance(copy_[5], nn.BatchNorm2d)
+    assert isinstance(copy_[0], WinogradConv2d) and isinstance(copy_[3], WinogradConv2d)
+    assert (got - ref).abs().max() / ref.abs().max() < 2e-5
+    # the source model (whose tensors the copy shares) is untouched
+    assert all(torch.equal(original[k], v) for k, v in model.state_dict().items())
+    assert isinstance(model[1], nn.BatchNorm2d) and isinstance(model[0], nn.Conv2d)
+    assert fold_batchnorm(nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4).train())) == 0
+
+
+def test_upernet_convmodules_fold_and_rewrite():
+    """terratorch's ConvModule (conv, norm, act) is a named Sequential here: its checkpoint keys stay
+    ``conv.*``/``norm.*``, and the Winograd rewrite folds its BatchNorm."""
+    from tm_export.task.decoders import UperNetDecoder
+
+    decoder = UperNetDecoder([64, 64, 64, 64], pool_scales=[1, 2], channels=64).eval()
+    gen = torch.Generator().manual_seed(4)
+    for m in decoder.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            _random_norm(m, gen)
+    assert "bottleneck.conv.weight" in decoder.state_dict() and "bottleneck.norm.running_var" in decoder.state_dict()
+    features = [torch.randn(1, 64, s, s) for s in (28, 28, 28, 28)]
+    rewrite, count = winograd_copy(decoder, 4, (features,))
+    assert count == 5  # bottleneck, 3 fpn_convs, fpn_bottleneck
+    with torch.no_grad():
+        ref, got = decoder(features), rewrite(features)
+    assert (got - ref).abs().max() / ref.abs().max() < 2e-5
 
 
 def test_export_with_winograd_unet(tmp_path):

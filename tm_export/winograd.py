@@ -112,16 +112,22 @@ class WinogradConv2d(nn.Module):
         if min(height, width) < self.min_size:
             return F.conv2d(x, self.weight, self.bias.flatten(), padding=1)
         rows, cols = (height + m - 1) // m, (width + m - 1) // m
-        padded = F.pad(x, (1, 1 + m * cols - width, 1, 1 + m * rows - height))
-        # (B, C*n*n, rows, cols): channel c's n*n transformed values of every tile
-        v = F.conv2d(padded, self.input_kernel, stride=m, groups=self.in_channels)
+        exact = height == m * rows and width == m * cols
+        # (B, C*n*n, rows, cols): channel c's n*n transformed values of every tile. Where m divides
+        # the map, the convolution's own symmetric padding is the tiles' padding (no Pad node, no
+        # final Slice: ~5% of a UNetDecoder head's time on ONNX Runtime).
+        if exact:
+            v = F.conv2d(x, self.input_kernel, stride=m, padding=1, groups=self.in_channels)
+        else:
+            padded = F.pad(x, (1, 1 + m * cols - width, 1, 1 + m * rows - height))
+            v = F.conv2d(padded, self.input_kernel, stride=m, groups=self.in_channels)
         v = v.reshape(batch, self.in_channels, n * n, rows * cols).permute(2, 0, 1, 3)
         prod = _BroadcastMatMul.apply(self.u, v)  # (n*n, B, K, tiles)
         y = torch.matmul(self.output_matrix, prod.reshape(n * n, -1))  # (m*m, B*K*tiles)
         # batch first (contiguous K*tiles blocks move), then the tiles' m x m outputs into place
         y = y.reshape(m * m, batch, self.out_channels * rows * cols).transpose(0, 1)
         y = _DepthToSpaceDCR.apply(y.reshape(batch, m * m * self.out_channels, rows, cols), m)
-        return y[:, :, :height, :width] + self.bias
+        return (y if exact else y[:, :, :height, :width]) + self.bias
 
 
 def is_winograd_eligible(module: nn.Module) -> bool:
@@ -179,11 +185,39 @@ def conv_input_sizes(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dic
     return sizes
 
 
+def fold_batchnorm(module: nn.Module) -> int:
+    """Fold every eval-mode ``BatchNorm2d`` that directly follows a ``Conv2d`` in an ``nn.Sequential``
+    into that convolution (new tensors: the originals, possibly shared with another module, are not
+    touched); the norm becomes ``nn.Identity``. ONNX Runtime fuses Conv + BatchNormalization
+    itself, but not once the convolution is a Winograd subgraph. Returns how many were folded."""
+    count = 0
+    for seq in [m for m in module.modules() if isinstance(m, nn.Sequential)]:
+        children = list(seq.children())
+        for i, (conv, norm) in enumerate(zip(children, children[1:])):
+            if not (isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d)
+                    and not norm.training and norm.running_mean is not None):
+                continue
+            with torch.no_grad():
+                scale = (norm.weight if norm.affine else 1.0) / torch.sqrt(norm.running_var + norm.eps)
+                shift = norm.bias if norm.affine else 0.0
+                bias = conv.bias if conv.bias is not None else torch.zeros_like(norm.running_mean)
+                folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                                   conv.dilation, conv.groups, padding_mode=conv.padding_mode, device="meta")
+                folded.weight = nn.Parameter(conv.weight * scale.reshape(-1, 1, 1, 1), requires_grad=False)
+                folded.bias = nn.Parameter((bias - norm.running_mean) * scale + shift, requires_grad=False)
+            seq[i], seq[i + 1] = folded, nn.Identity()
+            children[i + 1] = seq[i + 1]
+            count += 1
+    return count
+
+
 def winograd_copy(module: nn.Module, tile: int, inputs: tuple[torch.Tensor, ...],
                   min_channels: int = 64) -> tuple[nn.Module, int]:
     """A copy of ``module`` whose eligible 3x3 convolutions (on maps the size of ``inputs``') are
-    ``WinogradConv2d``; it shares every other tensor with ``module`` (no copy of the weights), so
-    only the transformed convolution weights are new. Returns it and how many were replaced."""
+    ``WinogradConv2d``, each with the BatchNorm after it folded in; it shares every other tensor
+    with ``module`` (no copy of the weights), so only the folded and transformed convolution weights
+    are new. Returns it and how many convolutions were replaced."""
     sizes = conv_input_sizes(module, inputs)
     rewrite = copy.deepcopy(module, {id(t): t for t in _tensors(module)})
+    fold_batchnorm(rewrite)
     return rewrite, use_winograd(rewrite, tile, min_channels, input_sizes=sizes)

@@ -8,7 +8,7 @@ from .export import TaskExportConfig, export_task
 # Flags that describe a backbone export: with --task-config the config says all of it.
 BACKBONE_ONLY = {"model": "--model", "modalities": "--modalities", "output_modalities": "--output-modalities",
                  "tokenizer_ckpt": "--tokenizer-ckpt", "small_tokenizers": "--small-tokenizers",
-                 "bands": "--bands", "winograd": "--winograd", "tim_modalities": "--tim-modalities"}
+                 "bands": "--bands", "tim_modalities": "--tim-modalities"}
 
 
 def run_task_export(args: argparse.Namespace) -> dict:
@@ -21,6 +21,6 @@ def run_task_export(args: argparse.Namespace) -> dict:
         image_size=args.image_size, opset=args.opset, precision=args.precision, simplify=not args.no_simplify,
         validate=not args.no_validate, max_rel_error=args.rtol, overwrite=args.overwrite,
         calibration_data=args.calibration_data, gate_data=args.gate_data, int8_method=args.int8_method,
-        int8_graphs=args.int8_graphs, tile_scale=dict(args.tile_scale),
+        int8_graphs=args.int8_graphs, tile_scale=dict(args.tile_scale), winograd=args.winograd,
     )
     return export_task(config, log=lambda s: print(s, flush=True))

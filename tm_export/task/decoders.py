@@ -8,6 +8,7 @@ that do not divide the input).
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -115,17 +116,14 @@ class UNetDecoder(nn.Module):
 
 
 # ---- UperNet (terratorch.models.decoders.UperNetDecoder) ----
-class ConvModule(nn.Module):
-    """Bias-free convolution, BatchNorm, ReLU (terratorch's ConvModule, not transposed)."""
+class ConvModule(nn.Sequential):
+    """Bias-free convolution, BatchNorm, ReLU (terratorch's ConvModule, not transposed). A named
+    Sequential: the checkpoint's ``conv.*``/``norm.*`` keys load as they are, and the Winograd
+    rewrite (``tm_export.winograd.fold_batchnorm``) sees the norm that follows the convolution."""
 
     def __init__(self, cin: int, cout: int, kernel_size: int, padding: int = 0) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, kernel_size, padding=padding, bias=False)
-        self.norm = nn.BatchNorm2d(cout)
-        self.act = nn.ReLU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.norm(self.conv(x)))
+        super().__init__(OrderedDict(conv=nn.Conv2d(cin, cout, kernel_size, padding=padding, bias=False),
+                                     norm=nn.BatchNorm2d(cout), act=nn.ReLU()))
 
 
 def adaptive_pool_matrix(size_in: int, size_out: int) -> torch.Tensor:

@@ -23,6 +23,7 @@ from ..export import ExportConfig, ExportError, _manifest, write_export
 from ..graphs import BATCH, GraphSpec, TensorDecl, embedding_specs, encoder_spec
 from ..precision import check_precision
 from ..tim import mark_tim_only_targets, tim_manifest
+from ..winograd import TILE_SIZES, winograd_copy
 from .checkpoint import read_task_checkpoint
 from .config import TaskSpec, load_yaml, parse_task_config
 from .model import TaskModel, build_task_model, load_task_state, randomize_task_model
@@ -54,6 +55,7 @@ class TaskExportConfig:
     int8_method: str = "dynamic"
     int8_graphs: list[str] | None = None
     tile_scale: dict[str, float] = field(default_factory=dict)
+    winograd: int = 0  # 2 or 4: the head's 3x3 convolutions as Winograd F(m x m, 3 x 3) (ONNX Runtime CPU)
 
     def graph_config(self, spec: TaskSpec) -> ExportConfig:
         """The settings ``export_graph`` and the base manifest read."""
@@ -70,7 +72,9 @@ def head_output_name(spec: TaskSpec) -> str:
     return "logits" if spec.task_type == "segmentation" else "values"
 
 
-def head_spec(model: TaskModel) -> GraphSpec:
+def head_spec(model: TaskModel, winograd: int = 0) -> GraphSpec:
+    """The necks + decoder + head graph; ``winograd`` (2 or 4) traces its 3x3 convolutions as
+    Winograd F(m x m, 3 x 3), BatchNorms folded in, validated against the direct convolutions."""
     head = model.head
     tokens = head.grid[0] * head.grid[1]
     channels = head.input_channels
@@ -78,14 +82,33 @@ def head_spec(model: TaskModel) -> GraphSpec:
     def sample(batch: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
         return tuple(torch.randn(batch, tokens, c, generator=gen) for c in channels)
 
+    module, extra = head, {}
+    if winograd:
+        module, count = winograd_copy(head, winograd, sample(1, torch.Generator().manual_seed(0)))
+        extra = {"winograd": {"tile": winograd, "convolutions": count}}
     seg = model.spec.task_type == "segmentation"
     return GraphSpec(
-        name=HEAD_GRAPH, module=head,
+        name=HEAD_GRAPH, module=module, reference=head if winograd else None,
         inputs=[TensorDecl(f"features_{i}", "float32", (BATCH, tokens, c)) for i, c in enumerate(channels)],
         outputs=[TensorDecl(head_output_name(model.spec), "float32", (BATCH, *head.output_shape))],
         sample=sample,
-        extra={"role": "task_head", "layers": list(head.layers), **({"argmax_axis": 1} if seg else {})},
+        extra={"role": "task_head", "layers": list(head.layers), **({"argmax_axis": 1} if seg else {}), **extra},
     )
+
+
+def check_winograd(config: TaskExportConfig) -> None:
+    """Winograd is an fp32 rewrite for ONNX Runtime CPU: the head must stay fp32 (an int8 export
+    whose head is quantised cannot take it)."""
+    if config.winograd not in (0,) + TILE_SIZES:
+        raise ExportError(f"--winograd tile must be one of {TILE_SIZES}, got {config.winograd}")
+    if not config.winograd:
+        return
+    if config.precision not in ("fp32", "int8"):
+        raise ExportError(f"--winograd is for fp32 graphs on ONNX Runtime CPU, not --precision {config.precision} "
+                          "(GPU runtimes choose Winograd kernels themselves)")
+    if config.precision == "int8" and "head" in (config.int8_graphs or []):
+        raise ExportError("--winograd rewrites the head's convolutions in fp32: it cannot be combined with "
+                          "--int8-graphs head")
 
 
 def task_section(spec: TaskSpec, model: TaskModel, image_size: int, tim_section: dict | None = None) -> dict:
@@ -144,6 +167,7 @@ def export_task(config: TaskExportConfig, log: Callable[[str], None] = print) ->
     if out.exists() and not config.overwrite:
         raise ExportError(f"{out} already exists; pass --overwrite to replace it")
     check_precision(config.precision)
+    check_winograd(config)
     if config.precision == "int8":  # calibrated and gated through predict (tm_runtime.task_accuracy)
         from ..quantize import check_int8_config
         check_int8_config(config)
@@ -162,7 +186,7 @@ def export_task(config: TaskExportConfig, log: Callable[[str], None] = print) ->
         backbone, renames = tim_graph_specs(model)
     else:
         backbone = embedding_specs(model.encoder) + [encoder_spec(model.encoder)]
-    specs = backbone + [head_spec(model)]
+    specs = backbone + [head_spec(model, config.winograd)]
 
     def make_manifest(graphs: dict, files: dict) -> dict:
         manifest = _manifest(graph_config, model.encoder, weights, graphs, None, files)
