@@ -62,3 +62,21 @@ def test_winograd_refuses_what_it_cannot_go_with(floods_tiny, tmp_path, capsys, 
                  "--winograd", *extra])
     assert code != 0 and match in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_winograd_head_in_an_int8_export(floods_tiny, tmp_path):
+    """int8 quantises the encoder; the Winograd head stays fp32 and the gates (which run predict
+    through it) pass."""
+    from tests.conftest import DATA_DIR
+    from tm_export.cli import main
+
+    if not (DATA_DIR / "S2L1C").is_dir():
+        pytest.skip(f"TerraMesh tiles not found at {DATA_DIR}")
+    out = tmp_path / "export"
+    assert main(["--task-config", str(floods_tiny.config_path), "--ckpt", str(floods_tiny.ckpt), "--out", str(out),
+                 "--winograd", "--precision", "int8", "--gate-data", str(DATA_DIR)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    graphs = manifest["graphs"]
+    assert graphs["encoder"]["precision"] == "int8" and graphs["head"]["precision"] == "fp32"
+    assert graphs["head"]["winograd"]["convolutions"] == 6
+    assert manifest["accuracy"]["int8_vs_fp32"]["passed"]
