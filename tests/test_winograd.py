@@ -15,12 +15,14 @@ from tm_runtime import TerraMindRuntime
 
 
 @pytest.mark.parametrize("tile", [2, 4])
-@pytest.mark.parametrize("size", [14, 17, 28])  # odd sizes pad the last tile
+# sizes the tile divides (no Pad/Slice), does not divide (the last tile padded), or divides on one side only
+@pytest.mark.parametrize("size", [14, 17, 28, (16, 24), (16, 17), (18, 16)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_matches_the_direct_convolution(tile, size, bias):
-    torch.manual_seed(size)
+    height, width = size if isinstance(size, tuple) else (size, size)
+    torch.manual_seed(height * width)
     conv = nn.Conv2d(24, 16, 3, padding=1, bias=bias)
-    x = torch.randn(2, 24, size, size)
+    x = torch.randn(2, 24, height, width)
     with torch.no_grad():
         ref = conv(x)
         got = WinogradConv2d(conv, tile)(x)
@@ -68,15 +70,22 @@ def test_only_eligible_convolutions_are_replaced():
 def _random_norm(norm: nn.BatchNorm2d, gen: torch.Generator) -> nn.BatchNorm2d:
     with torch.no_grad():
         for t in (norm.weight, norm.bias, norm.running_mean):
-            t.copy_(torch.randn(t.shape, generator=gen))
+            if t is not None:  # affine=False: no weight or bias
+                t.copy_(torch.randn(t.shape, generator=gen))
         norm.running_var.copy_(0.5 + torch.rand(norm.running_var.shape, generator=gen))
     return norm.eval()
 
 
 def test_batchnorm_folds_into_the_convolution_before_it():
     gen = torch.Generator().manual_seed(3)
-    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, bias=False), _random_norm(nn.BatchNorm2d(16), gen), nn.ReLU(),
-                          nn.Conv2d(16, 16, 3, padding=1), _random_norm(nn.BatchNorm2d(16), gen),
+    # a large eps and small variances, so that a fold that forgot eps fails the tolerance
+    affine_norm = _random_norm(nn.BatchNorm2d(16, eps=0.1), gen)
+    plain_norm = _random_norm(nn.BatchNorm2d(16, eps=0.1, affine=False), gen)
+    with torch.no_grad():
+        for norm in (affine_norm, plain_norm):
+            norm.running_var.mul_(0.2)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, bias=False), affine_norm, nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1), plain_norm,
                           nn.BatchNorm2d(16).train())  # training mode, and after a norm: not folded
     original = {k: v.clone() for k, v in model.state_dict().items()}
     copy_ = winograd_copy(model, 4, (torch.randn(1, 8, 16, 16),), min_channels=8)[0]
@@ -93,6 +102,14 @@ def test_batchnorm_folds_into_the_convolution_before_it():
     assert all(torch.equal(original[k], v) for k, v in model.state_dict().items())
     assert isinstance(model[1], nn.BatchNorm2d) and isinstance(model[0], nn.Conv2d)
     assert fold_batchnorm(nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4).train())) == 0
+
+    class Reversed(nn.Sequential):  # does not run its children in order: nothing to fold
+        def forward(self, x):
+            for child in reversed(self):
+                x = child(x)
+            return x
+
+    assert fold_batchnorm(Reversed(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4).eval())) == 0
 
 
 def test_upernet_convmodules_fold_and_rewrite():

@@ -191,20 +191,25 @@ def fold_batchnorm(module: nn.Module) -> int:
     touched); the norm becomes ``nn.Identity``. ONNX Runtime fuses Conv + BatchNormalization
     itself, but not once the convolution is a Winograd subgraph. Returns how many were folded."""
     count = 0
-    for seq in [m for m in module.modules() if isinstance(m, nn.Sequential)]:
+    # Only plain modules: a Sequential subclass may not run its children in order, and a Conv2d or
+    # BatchNorm2d subclass may compute something else than the module rebuilt here.
+    for seq in [m for m in module.modules() if type(m).forward is nn.Sequential.forward]:
         children = list(seq.children())
         for i, (conv, norm) in enumerate(zip(children, children[1:])):
-            if not (isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d)
+            if not (type(conv) is nn.Conv2d and type(norm) is nn.BatchNorm2d
                     and not norm.training and norm.running_mean is not None):
                 continue
-            with torch.no_grad():
-                scale = (norm.weight if norm.affine else 1.0) / torch.sqrt(norm.running_var + norm.eps)
-                shift = norm.bias if norm.affine else 0.0
-                bias = conv.bias if conv.bias is not None else torch.zeros_like(norm.running_mean)
+            with torch.no_grad():  # in float64, then back to the convolution's dtype
+                var, mean = norm.running_var.double(), norm.running_mean.double()
+                scale = (norm.weight.double() if norm.affine else 1.0) / torch.sqrt(var + norm.eps)
+                shift = norm.bias.double() if norm.affine else 0.0
+                bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(mean)
                 folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                                    conv.dilation, conv.groups, padding_mode=conv.padding_mode, device="meta")
-                folded.weight = nn.Parameter(conv.weight * scale.reshape(-1, 1, 1, 1), requires_grad=False)
-                folded.bias = nn.Parameter((bias - norm.running_mean) * scale + shift, requires_grad=False)
+                dtype = conv.weight.dtype
+                folded.weight = nn.Parameter((conv.weight.double() * scale.reshape(-1, 1, 1, 1)).to(dtype),
+                                             requires_grad=False)
+                folded.bias = nn.Parameter(((bias - mean) * scale + shift).to(dtype), requires_grad=False)
             seq[i], seq[i + 1] = folded, nn.Identity()
             children[i + 1] = seq[i + 1]
             count += 1
