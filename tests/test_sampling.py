@@ -40,6 +40,42 @@ def test_top_k_keeps_ties():
     assert kept(filter_logits(np.array([1.0, 3.0, 3.0, 0.0]), top_k=1)) == {1, 2}
 
 
+def test_top_p_splits_a_tie_at_the_boundary_by_index():
+    # Four equal tokens (0.25 each): the mass before the 4th is 0.75 > 0.6, before the 3rd 0.5.
+    # The nucleus holds three of them, the first three by index, as a stable sort orders them.
+    assert kept(filter_logits(np.zeros(4), top_p=0.6)) == {0, 1, 2}
+    logits = np.array([0.0, 2.0, 1.0, 2.0, 1.0, 1.0, 1.0])
+    probs = np.exp(logits) / np.exp(logits).sum()
+    # Both 2.0s hold 2 * probs[1] < 0.8; the 1.0 tokens follow in index order 2, 4, 5, 6.
+    mass = 2 * probs[1] + np.cumsum(probs[[2, 4, 5, 6]])
+    need = int(np.count_nonzero(np.concatenate([[2 * probs[1]], mass[:-1]]) <= 0.8))
+    assert kept(filter_logits(logits, top_p=0.8)) == {1, 3} | set([2, 4, 5, 6][:need])
+    assert 0 < need < 4  # the boundary does cut through the tie
+
+
+def _nucleus_by_stable_argsort(logits, top_p):
+    # The definition, written the slow way: sort (stable), cumulative softmax, shift by one.
+    order = np.argsort(-logits, axis=-1, kind="stable")
+    ordered = np.take_along_axis(logits, order, axis=-1)
+    probs = np.exp(ordered - ordered[..., :1])
+    cumulative = np.cumsum(probs / probs.sum(axis=-1, keepdims=True), axis=-1)
+    drop_sorted = np.zeros(cumulative.shape, dtype=bool)
+    drop_sorted[..., 1:] = cumulative[..., :-1] > top_p
+    drop = np.empty_like(drop_sorted)
+    np.put_along_axis(drop, order, drop_sorted, axis=-1)
+    return ~drop
+
+
+def test_top_p_matches_the_stable_sort_definition_on_tie_heavy_logits():
+    rng = np.random.default_rng(11)
+    for _ in range(300):
+        shape = tuple(rng.integers(1, 4, size=rng.integers(0, 3))) + (int(rng.integers(1, 30)),)
+        logits = rng.integers(-3, 4, size=shape) * float(rng.choice([0.5, 1.0, 2.0]))
+        top_p = float(rng.choice([0.1, 0.3, 0.5, 0.8, 0.95]))
+        got = np.isfinite(filter_logits(logits, top_p=top_p))
+        np.testing.assert_array_equal(got, _nucleus_by_stable_argsort(logits, top_p), err_msg=f"{logits} p={top_p}")
+
+
 def test_top_p_after_top_k_uses_renormalised_mass():
     # Alone, p = 0.52 needs two tokens (0.5 < 0.52). After top-3 the best token has 0.5 / 0.95 > 0.52.
     assert kept(filter_logits(LOGITS, top_p=0.52)) == {1, 3}

@@ -58,9 +58,36 @@ def _check_logits(logits: np.ndarray) -> np.ndarray:
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
-    shifted = x - x.max(axis=-1, keepdims=True)
-    e = np.exp(shifted)
-    return e / e.sum(axis=-1, keepdims=True)
+    # In place on one new array: sampling runs this on (rows, vocab) float64 arrays of ~50 MB.
+    e = x - x.max(axis=-1, keepdims=True)
+    np.exp(e, out=e)
+    e /= e.sum(axis=-1, keepdims=True)
+    return e
+
+
+def _nucleus_mask(logits: np.ndarray, top_p: float) -> np.ndarray:
+    """Boolean mask (..., V) of the tokens inside the top-p nucleus of float64 ``logits``.
+
+    The nucleus is a prefix of the tokens in (logit descending, index ascending) order. Instead of
+    an argsort (the whole cost of sampling: ~0.6 s for 392 x 15360) this sorts the values only, finds
+    how many positions the prefix holds, and maps that back with a threshold: every token above the
+    last kept value, plus, of the tokens equal to it, the first ones by index. A tie group that
+    straddles the boundary is therefore split exactly as a stable argsort would split it, and the
+    cumulative sums are the same numbers (they depend on the sorted values, not on which of several
+    equal tokens sits where).
+    """
+    descending = -np.sort(-logits, axis=-1)
+    cumulative = np.cumsum(_softmax(descending), axis=-1)
+    # A position is dropped when the mass before it already exceeds p; the position 0 never is.
+    kept = 1 + np.count_nonzero(cumulative[..., :-1] <= top_p, axis=-1, keepdims=True)
+    last_kept = np.take_along_axis(descending, kept - 1, axis=-1)
+    above = logits > last_kept
+    tied = logits == last_kept
+    tied_kept = kept - np.count_nonzero(above, axis=-1, keepdims=True)
+    split = (tied_kept < np.count_nonzero(tied, axis=-1, keepdims=True))[..., 0]
+    if split.any():  # rare: only rows whose boundary cuts through equal logits need the index order
+        tied[split] &= np.cumsum(tied[split], axis=-1) <= tied_kept[split]
+    return above | tied
 
 
 def filter_logits(logits: np.ndarray, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
@@ -78,15 +105,7 @@ def filter_logits(logits: np.ndarray, top_k: int = 0, top_p: float = 1.0) -> np.
         kth_largest = np.partition(out, vocab - top_k, axis=-1)[..., vocab - top_k, None]
         out[out < kth_largest] = -np.inf
     if top_p < 1.0:
-        order = np.argsort(-out, axis=-1, kind="stable")  # descending; -inf (already removed) goes last
-        sorted_logits = np.take_along_axis(out, order, axis=-1)
-        cumulative = np.cumsum(_softmax(sorted_logits), axis=-1)
-        remove_sorted = np.zeros_like(cumulative, dtype=bool)
-        # Shift right by one: a token is dropped when the mass *before* it already exceeds p.
-        remove_sorted[..., 1:] = cumulative[..., :-1] > top_p
-        remove = np.empty_like(remove_sorted)
-        np.put_along_axis(remove, order, remove_sorted, axis=-1)
-        out[remove] = -np.inf
+        out[~_nucleus_mask(out, top_p)] = -np.inf
     return out
 
 
@@ -95,7 +114,9 @@ def sampling_probs(logits: np.ndarray, temperature: float = 1.0, top_k: int = 0,
     check_sampling_args(temperature, top_k, top_p)
     if temperature <= ARGMAX_TEMPERATURE:
         raise ValueError("temperature ~0 means argmax; there is no distribution to return")
-    return _softmax(filter_logits(logits, top_k, top_p) / temperature)
+    filtered = filter_logits(logits, top_k, top_p)  # a fresh float64 array: scale it in place
+    filtered /= temperature
+    return _softmax(filtered)
 
 
 def sample_from_uniforms(probs: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
