@@ -64,6 +64,15 @@ def floods_tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def crop_tiny(tmp_path_factory):
+    """The official multitemporal crop config with a tiny backbone: temporal wrapper, 3 dates
+    concatenated, 13 classes (task tests and the scene tests)."""
+    from tests.task.conftest import make_case
+
+    return make_case(tmp_path_factory, "multitemporal_crop_base", "terramind_v1_tiny", seed=13, validate=False)
+
+
+@pytest.fixture(scope="session")
 def tiny_reference():
     from tm_export.export import ExportConfig, build_reference
 

@@ -39,6 +39,22 @@ class TemporalInfo:
     n_timestamps: int | None
     subset_lengths: tuple[int, ...] | None
 
+    def check_dates(self, name: str, t: int, steps: int | None = None) -> int:
+        """Raise ValueError unless ``t`` dates of modality ``name`` suit this model (``steps``: the
+        dates another modality has, if any); returns ``t``."""
+        if steps is not None and t != steps:
+            raise ValueError(f"{name}: {t} dates, but another modality has {steps}; all need the same number")
+        if self.pooling == "concat" and t != self.n_timestamps:
+            raise ValueError(f"{name}: {t} dates, but this model concatenates exactly {self.n_timestamps} "
+                             "(temporal pooling 'concat', n_timestamps)")
+        if self.subset_lengths and sum(self.subset_lengths) != t:
+            raise ValueError(f"{name}: {t} dates, but the model's subset_lengths {list(self.subset_lengths)} "
+                             f"sum to {sum(self.subset_lengths)}")
+        pooled = len(self.subset_lengths) if self.subset_lengths else t
+        if self.pooling == "diff" and pooled != 2:
+            raise ValueError(f"{name}: 'diff' pooling needs exactly 2 dates (after subsets), got {pooled}")
+        return t
+
 
 @dataclass(frozen=True)
 class TaskInfo:
@@ -273,20 +289,7 @@ class TaskPipeline:
         return np.asarray(value, dtype=np.float32)
 
     def _check_dates(self, name: str, array: np.ndarray, steps: int | None) -> int:
-        temporal = self.info.temporal
-        t = array.shape[2]
-        if steps is not None and t != steps:
-            raise ValueError(f"{name}: {t} dates, but another modality has {steps}; all need the same number")
-        if temporal.pooling == "concat" and t != temporal.n_timestamps:
-            raise ValueError(f"{name}: {t} dates, but this model concatenates exactly {temporal.n_timestamps} "
-                             "(temporal pooling 'concat', n_timestamps)")
-        if temporal.subset_lengths and sum(temporal.subset_lengths) != t:
-            raise ValueError(f"{name}: {t} dates, but the model's subset_lengths {list(temporal.subset_lengths)} "
-                             f"sum to {sum(temporal.subset_lengths)}")
-        pooled = len(temporal.subset_lengths) if temporal.subset_lengths else t
-        if temporal.pooling == "diff" and pooled != 2:
-            raise ValueError(f"{name}: 'diff' pooling needs exactly 2 dates (after subsets), got {pooled}")
-        return t
+        return self.info.temporal.check_dates(name, array.shape[2], steps)
 
     def _standardize(self, name: str, array: np.ndarray) -> np.ndarray:
         stats = self.info.standardization.get(name)

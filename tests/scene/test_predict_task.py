@@ -110,3 +110,35 @@ def test_tm_run_predict_on_openvino_equals_ort(floods_tiny, flood_scene, tmp_pat
                      "--backend", backend, "--threads", "2", "--no-progress"]) == 0
     with rasterio.open(maps["ort"]) as a, rasterio.open(maps["openvino"]) as b:
         assert rel_error(b.read(), a.read()) <= 1e-3  # OpenVINO's CPU kernels, fp32: rounding only
+
+
+@pytest.mark.parity
+def test_predict_scene_on_a_temporal_task_export_equals_terratorch(crop_tiny, tmp_path):
+    """The official multitemporal crop model (tiny backbone, 3 dates concatenated): three 6-band
+    GeoTIFFs, one per date, against terratorch's tiled_inference over its task model on the
+    (1, C, T, H, W) stack, standardised by the datamodule's own statistics."""
+    import torch
+    from terratorch.tasks.tiled_inference import tiled_inference
+
+    dates = [s2_array(260, 300, seed=70 + t)[[1, 2, 3, 8, 10, 11]] for t in range(3)]  # HLS's six bands
+    paths = [write_scene(tmp_path / f"date{t}.tif", a) for t, a in enumerate(dates)]
+    rt = TerraMindRuntime(crop_tiny.export, threads=2)
+    out = tmp_path / "crops.tif"
+    summary = predict_scene(rt, {"S2L2A": paths}, out, output="logits", tiling={"batch_size": 4})
+    assert summary["windows"]["total"] == 4 and summary["scene"]["inputs"]["S2L2A"]["dates"] == 3
+
+    torch.set_float32_matmul_precision("highest")
+    stack = np.stack(dates, axis=1)[None].astype(np.float32)  # (1, C, T, H, W)
+    inputs = standardize_like_datamodule(crop_tiny.config, {"S2L2A": stack})
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = tiled_inference(lambda x: crop_tiny.task(x).output, inputs, batch_size=4).numpy()[0]
+    with rasterio.open(out) as got:
+        logits = got.read()
+    assert logits.shape == want.shape == (13, 260, 300)
+    assert rel_error(logits, want) <= MAX_REL
+    # The dates are not interchangeable: swapping two changes the map by far more than the tolerance.
+    swapped = tmp_path / "swapped.tif"
+    predict_scene(rt, {"S2L2A": [paths[1], paths[0], paths[2]]}, swapped, output="logits", tiling={"batch_size": 4})
+    with rasterio.open(swapped) as other:
+        assert rel_error(other.read(), want) > 100 * MAX_REL

@@ -34,19 +34,14 @@ def make_case(tmp_path_factory, name: str, backbone: str | None, seed: int, vali
     return TaskCase(config, path, ckpt, folder / "export", task)
 
 
-# floods_tiny (the official tiny sen1floods11 task) is in tests/conftest.py: the scene tests use it too.
+# floods_tiny (the official tiny sen1floods11 task) and crop_tiny (multitemporal crop) are in tests/conftest.py:
+# the scene tests use them too.
 
 
 @pytest.fixture(scope="session")
 def burnscars_tiny(tmp_path_factory) -> TaskCase:
     """burnscars with a tiny backbone: a 6-band S2L2A subset, one list of means/stds."""
     return make_case(tmp_path_factory, "burnscars_base", "terramind_v1_tiny", seed=12, validate=False)
-
-
-@pytest.fixture(scope="session")
-def crop_tiny(tmp_path_factory) -> TaskCase:
-    """multitemporal crop with a tiny backbone: temporal wrapper, 3 dates concatenated, 13 classes."""
-    return make_case(tmp_path_factory, "multitemporal_crop_base", "terramind_v1_tiny", seed=13, validate=False)
 
 
 MULTI_CONFIG = {

@@ -2,6 +2,7 @@
 
     tm-run predict  EXPORT --input S2L2A=scene.tif [--input S1GRD=s1.tif] --out map.tif
                     [--output classes|probabilities|logits]
+                    (multi-temporal models: --input S2L2A=march.tif --input S2L2A=june.tif ..., in date order)
     tm-run generate EXPORT --input S2L2A=scene.tif --output LULC=lulc.tif --output S1GRD=s1.tif
                     [--timesteps 10] [--seed 0]
     tm-run embed    EXPORT --input S2L2A=scene.tif --out emb.tif [--merge-method mean] [--float16]
@@ -35,10 +36,26 @@ def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
     return out
 
 
+def _inputs(items: list[str]) -> dict[str, str | list[str]]:
+    """--input MOD=PATH, repeated; a modality given several times lists its dates, in order."""
+    out: dict[str, str | list[str]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise ValueError(f"--input must look like NAME=VALUE, got {item!r}")
+        if key in out:
+            before = out[key]
+            out[key] = [*(before if isinstance(before, list) else [before]), value]
+        else:
+            out[key] = value
+    return out
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("export_dir", type=Path, help="directory written by tm-export")
     p.add_argument("--input", action="append", required=True, metavar="MOD=PATH",
-                   help="an input modality and its GeoTIFF/COG (repeat; the first one's grid is the output grid)")
+                   help="an input modality and its GeoTIFF/COG (repeat; the first one's grid is the output grid); "
+                        "a multi-temporal task model takes one file per date: repeat MOD=PATH in date order")
     p.add_argument("--bands", action="append", metavar="MOD=B1,B2,...",
                    help="bands to read, by name (file band descriptions, e.g. B02 or BLUE) or 1-based index")
     p.add_argument("--nodata", action="append", metavar="MOD=VALUE", help="treat VALUE as nodata (overrides the file)")
@@ -137,7 +154,7 @@ def run(args: argparse.Namespace) -> dict:
                              "backend runs the export's own precision")
         options["precision"] = args.precision
     factory = RuntimeFactory(str(args.export_dir), args.backend, options or None, args.threads, not args.no_verify)
-    inputs = _pairs(args.input, "--input")
+    inputs = _inputs(args.input)
     common = dict(tiling=tiling, bands=_bands(args.bands),
                   nodata={k: float(v) for k, v in _pairs(args.nodata, "--nodata").items()},
                   resampling=_pairs(args.resampling, "--resampling"), cog=args.cog, overwrite=args.overwrite,

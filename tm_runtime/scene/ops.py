@@ -77,6 +77,10 @@ def _modality_spec(rt, name: str, task_bands: Mapping[str, Sequence[str]] | None
         return ModalitySpec(name, bands, table.bands, tuple(0.0 for _ in bands))
     if means is not None and name in means and np.shape(means[name]) == (len(bands),):
         return ModalitySpec(name, bands, table.bands, tuple(float(v) for v in means[name]))
+    if means is not None and name in means and np.ndim(means[name]) == 2 and np.shape(means[name])[0] == len(bands):
+        per_date = np.asarray(means[name], dtype=float)  # (C, T): a temporal model's statistics per date
+        return ModalitySpec(name, bands, table.bands, tuple(float(v) for v in per_date.mean(axis=1)),
+                            tuple(tuple(float(v) for v in per_date[:, t]) for t in range(per_date.shape[1])))
     by_band = dict(zip(table.bands, table.mean))
     if entry is not None:
         by_band.update(zip(entry.bands, entry.mean))
@@ -119,6 +123,16 @@ class SceneOp:
     def default_tiling(self, rt) -> dict:
         """Tiling settings this op's model asks for (terratorch's names), before the caller's."""
         return {}
+
+    def check_dates(self, rt, dates: Mapping[str, int]) -> None:
+        """``dates``: how many dates (rasters) each input modality was given. One, unless the op
+        runs a multi-temporal model."""
+        several = {name: t for name, t in dates.items() if t != 1}
+        if several:
+            command = type(self).__name__.removesuffix("Op").lower()
+            raise ValueError(f"{command} takes one raster per modality; "
+                             + ", ".join(f"{n} was given {t} dates" for n, t in several.items())
+                             + " (several dates are for multi-temporal task models: tm-run predict)")
 
     def describe(self) -> dict:
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
@@ -192,6 +206,7 @@ class PredictOp(SceneOp):
     tim_temperature: float | None = None
     tim_top_p: float | None = None
     tim_top_k: int | None = None
+    _dates: dict[str, int] | None = field(init=False, default=None, repr=False)  # temporal models: dates per modality
 
     def _tim_options(self) -> dict:
         return {k: v for k, v in (("tim_temperature", self.tim_temperature), ("tim_top_p", self.tim_top_p),
@@ -230,9 +245,6 @@ class PredictOp(SceneOp):
             need = "all of" if merge == "concat" else "one or more of"
             raise ValueError(f"predict: this task model takes {need} {', '.join(wanted)} (merge_method {merge!r}), "
                              f"got inputs {', '.join(given) or 'none'}")
-        if getattr(task, "temporal", None):
-            raise ValueError("predict: multi-temporal task models are not supported for scenes yet (one date per "
-                             "window); run rt.predict on (B, C, T, H, W) arrays")
         if getattr(rt, "tim", None) is None:
             if self._tim_options():
                 raise ValueError(f"predict: {', '.join(self._tim_options())} given, but this task model has no TiM "
@@ -242,6 +254,17 @@ class PredictOp(SceneOp):
         stats = getattr(task, "standardization", None) or {}
         means = {m: mean for m, (mean, _) in stats.items()}
         return {n: _modality_spec(rt, n, getattr(task, "bands", None), self.standardize, means) for n in given}
+
+    def check_dates(self, rt, dates: Mapping[str, int]) -> None:
+        """A multi-temporal task model takes the same number of dates for every modality, as its
+        temporal pooling allows (the runtime's own rules); any other model one date."""
+        temporal = getattr(self._task(rt), "temporal", None)
+        if temporal is None:
+            return super().check_dates(rt, dates)
+        steps = None
+        for name, t in dates.items():
+            steps = temporal.check_dates(name, t, steps)
+        self._dates = dict(dates)
 
     def outputs(self, rt) -> list[OutputSpec]:
         task = self._task(rt)
@@ -258,6 +281,9 @@ class PredictOp(SceneOp):
 
     def run(self, rt, arrays, windows):
         inputs = to_runtime_inputs(arrays)
+        dates = self._dates
+        if dates is not None:  # (B, C * T, H, W), band-major (DateStackReader) -> (B, C, T, H, W)
+            inputs = {m: a.reshape(a.shape[0], -1, dates[m], *a.shape[2:]) for m, a in inputs.items()}
         tim = getattr(rt, "tim", None)
         temperature = self.tim_temperature if self.tim_temperature is not None else getattr(tim, "temperature", 0)
         if tim is None or temperature == 0:

@@ -24,6 +24,7 @@ from .accumulate import BandAccumulator
 from .executor import LocalExecutor, WindowJob, in_order
 from .ops import EmbedOp, GenerateOp, OutputSpec, PredictOp, SceneOp, window_size
 from .progress import Progress
+from .source import date_sources
 from .tiling import TilingParams, plan_windows
 
 DEFAULT_GDAL_CACHE = 32 * 1024 * 1024  # bytes: GDAL's default (5% of RAM) would grow with the scene
@@ -133,6 +134,7 @@ def run_scene(runtime, op: SceneOp, inputs: Mapping[str, Any], out,
                          f"re-export with --image-size {tiling.crop} for other windows")
     specs = op.input_specs(runtime, list(inputs))
     inputs = {name: value for name, value in zip(specs, inputs.values())}
+    op.check_dates(runtime, {name: len(date_sources(value)) for name, value in inputs.items()})
     out_specs = op.outputs(runtime)
     dests = _destinations(op, out_specs, out)
     looks = _quicklook_paths(quicklook, dests)

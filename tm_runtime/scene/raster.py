@@ -27,7 +27,7 @@ from rasterio.windows import Window as RioWindow
 from rasterio.windows import from_bounds
 from rasterio.windows import transform as window_transform
 
-from .source import Grid, Scene, fill_invalid
+from .source import DateStackReader, Grid, Scene, date_sources, fill_invalid
 from .specs import ModalitySpec
 
 # Sentinel-2 band codes for TerraMind's band names, so files described "B02" or "B8A" match.
@@ -222,19 +222,25 @@ def open_scene(inputs: Mapping[str, Any], specs: Mapping[str, ModalitySpec],
 
 
 def _open_scene(inputs, specs, options, stack) -> Scene:
-    opened = {name: _open(name, source, stack) for name, source in inputs.items()}
+    # Per modality one dataset per date (a list of sources); the first date of the first modality
+    # is the reference grid, and every date of every modality is aligned to it.
+    opened = {name: [_open(name if len(dates) == 1 else f"{name} date {t + 1}", source, stack)
+                     for t, source in enumerate(dates)]
+              for name, dates in ((name, date_sources(source)) for name, source in inputs.items())}
     ref_name = next(iter(opened))
-    ref, ref_label = opened[ref_name]
+    ref, ref_label = opened[ref_name][0]
+    flat = [(name if len(dates) == 1 else f"{name} date {t + 1}", dataset, label)
+            for name, dates in opened.items() for t, (dataset, label) in enumerate(dates)]
     if ref.crs is None:
-        others = [n for n, (d, _) in opened.items() if n != ref_name and (d.width, d.height) != (ref.width, ref.height)]
+        others = [n for n, d, _ in flat[1:] if (d.width, d.height) != (ref.width, ref.height)]
         if others:
             raise ValueError(f"{ref_name}: {ref_label} has no CRS, so {', '.join(others)} cannot be aligned to it")
         warnings.warn(f"{ref_name}: {ref_label} has no CRS; outputs will not be georeferenced", stacklevel=3)
 
     # The common extent, in pixels of the reference grid.
     r0, r1, c0, c1 = 0, ref.height, 0, ref.width
-    for name, (dataset, label) in opened.items():
-        if name == ref_name or ref.crs is None:
+    for name, dataset, label in flat[1:]:
+        if ref.crs is None:
             continue
         if dataset.crs is None:
             raise ValueError(f"{name}: {label} has no CRS, so it cannot be aligned to {ref_name}'s grid")
@@ -255,33 +261,44 @@ def _open_scene(inputs, specs, options, stack) -> Scene:
 
     readers = {}
     description = {}
-    for name, (dataset, label) in opened.items():
+    for name, dates in opened.items():
         spec = specs[name]
-        indexes = select_bands(spec, label, dataset.descriptions, options.bands.get(name))
-        nodata = options.nodata.get(name)
-        fill = None if spec.class_map else spec.fill
-        if name == ref_name or ref.crs is None or _same_grid(dataset, ref):
-            reader = RasterReader(name, dataset, indexes, (r0, c0), nodata, fill)
-            aligned = "direct"
+        per_date = [_reader(name, spec, dataset, label, t, ref, (r0, c0), options, stack)
+                    for t, (dataset, label) in enumerate(dates)]
+        if len(per_date) == 1:
+            readers[name], description[name] = per_date[0]
         else:
-            method = options.resampling.get(name) or ("nearest" if spec.class_map else "bilinear")
-            try:
-                resampling = Resampling[method]
-            except KeyError:
-                raise ValueError(f"{name}: unknown resampling {method!r}; use one of "
-                                 f"{', '.join(r.name for r in Resampling)}") from None
-            vrt = WarpedVRT(dataset, crs=ref.crs, transform=ref.transform, width=ref.width, height=ref.height,
-                            resampling=resampling, add_alpha=True)
-            stack.append(vrt)
-            reader = RasterReader(name, vrt, indexes, (r0, c0), nodata, fill, alpha=vrt.count)
-            aligned = f"warped ({resampling.name})"
-        if spec.class_map:
-            reader.fill = (0.0,)
-        readers[name] = reader
-        description[name] = {"source": label, "bands": indexes, "aligned": aligned}
+            readers[name] = DateStackReader(name, [reader for reader, _ in per_date])
+            description[name] = {key: [info[key] for _, info in per_date] for key in ("source", "bands", "aligned")}
+            description[name]["dates"] = len(per_date)
     owned = list(stack)
     stack.clear()
     scene = Scene(grid, readers, {"inputs": description, "window": [r0, r1, c0, c1]})
     first = readers[ref_name]
+    first = first.dates[0] if isinstance(first, DateStackReader) else first
     first._owned = owned  # closed with the scene
     return scene
+
+
+def _reader(name: str, spec: ModalitySpec, dataset, label: str, t: int, ref, offset: tuple[int, int],
+            options: SceneOptions, stack: list) -> tuple[RasterReader, dict]:
+    """The reader of one date of one modality, read directly or warped onto the reference grid."""
+    indexes = select_bands(spec, label, dataset.descriptions, options.bands.get(name))
+    nodata = options.nodata.get(name)
+    fill = (0.0,) if spec.class_map else spec.fill_of_date(t)
+    if dataset is ref or ref.crs is None or _same_grid(dataset, ref):
+        reader = RasterReader(name, dataset, indexes, offset, nodata, fill)
+        aligned = "direct"
+    else:
+        method = options.resampling.get(name) or ("nearest" if spec.class_map else "bilinear")
+        try:
+            resampling = Resampling[method]
+        except KeyError:
+            raise ValueError(f"{name}: unknown resampling {method!r}; use one of "
+                             f"{', '.join(r.name for r in Resampling)}") from None
+        vrt = WarpedVRT(dataset, crs=ref.crs, transform=ref.transform, width=ref.width, height=ref.height,
+                        resampling=resampling, add_alpha=True)
+        stack.append(vrt)
+        reader = RasterReader(name, vrt, indexes, offset, nodata, fill, alpha=vrt.count)
+        aligned = f"warped ({resampling.name})"
+    return reader, {"source": label, "bands": indexes, "aligned": aligned}

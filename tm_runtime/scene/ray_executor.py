@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .executor import BatchResult, WindowJob, compute_batch, read_batch
+from .source import date_sources
 
 
 @dataclass(frozen=True)
@@ -68,17 +69,23 @@ def ensure_ray(address: str | None = None, **init_kwargs):
     return ray
 
 
-def _as_paths(inputs: Mapping[str, Any]) -> dict[str, str]:
-    """Workers reopen the inputs: they must be files (or GDAL URLs), not in-memory arrays."""
-    paths = {}
+def _as_path(name: str, source: Any) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    if hasattr(source, "read_masks") and hasattr(source, "name") and Path(str(source.name)).exists():
+        return str(source.name)
+    raise ValueError(f"{name}: the Ray executor needs inputs that workers can open (file paths or GDAL "
+                     f"URLs), not {type(source).__name__}")
+
+
+def _as_paths(inputs: Mapping[str, Any]) -> dict[str, str | list[str]]:
+    """Workers reopen the inputs: they must be files (or GDAL URLs), not in-memory arrays; a
+    modality with several dates keeps its list of them."""
+    paths: dict[str, str | list[str]] = {}
     for name, source in inputs.items():
-        if isinstance(source, (str, os.PathLike)):
-            paths[name] = os.fspath(source)
-        elif hasattr(source, "read_masks") and hasattr(source, "name") and Path(str(source.name)).exists():
-            paths[name] = str(source.name)
-        else:
-            raise ValueError(f"{name}: the Ray executor needs inputs that workers can open (file paths or GDAL "
-                             f"URLs), not {type(source).__name__}")
+        dates = date_sources(source)
+        paths[name] = _as_path(name, dates[0]) if len(dates) == 1 and dates[0] is source else [
+            _as_path(name, s) for s in dates]
     return paths
 
 

@@ -41,6 +41,17 @@ class ModalityReader(Protocol):
         """Pixels [r0, r1) x [c0, c1) of the scene grid: (C, h, w) float32, valid (h, w) bool."""
 
 
+def date_sources(source: Any) -> list:
+    """The sources of one input modality, one per date: a list (or a tuple that is not an
+    ``(array, transform, crs[, nodata])`` GeoArray tuple) holds several dates in order; anything
+    else is one date."""
+    if isinstance(source, list) or (isinstance(source, tuple) and not (source and isinstance(source[0], np.ndarray))):
+        if not source:
+            raise ValueError("an input modality was given an empty list of dates")
+        return list(source)
+    return [source]
+
+
 def fill_invalid(data: np.ndarray, valid: np.ndarray, fill: Sequence[float] | None) -> np.ndarray:
     """Replace the values of invalid pixels by ``fill`` per band (in place)."""
     if fill is not None and not valid.all():
@@ -72,6 +83,33 @@ class ArrayReader:
         if self.nodata is not None and not np.isnan(self.nodata):
             valid &= ~(data == np.float32(self.nodata)).any(axis=0)
         return fill_invalid(data, valid, self.fill), valid
+
+
+class DateStackReader:
+    """One modality over several dates (one aligned reader per date) as a single reader of
+    (C * T, h, w): band-major (band c of date t at c * T + t), so that a batch of windows reshapes
+    to the (B, C, T, H, W) a temporal model takes. Each date fills its own invalid pixels; a pixel
+    is valid where every date is."""
+
+    def __init__(self, name: str, dates: Sequence[ModalityReader]) -> None:
+        channels = {reader.channels for reader in dates}
+        if len(channels) != 1:
+            raise ValueError(f"{name}: the dates have different band counts ({sorted(channels)})")
+        self.name = name
+        self.dates = list(dates)
+        self.channels = channels.pop() * len(self.dates)
+
+    def read(self, r0: int, r1: int, c0: int, c1: int) -> tuple[np.ndarray, np.ndarray]:
+        parts = [reader.read(r0, r1, c0, c1) for reader in self.dates]
+        data = np.stack([p[0] for p in parts], axis=1)  # (C, T, h, w)
+        valid = np.logical_and.reduce([p[1] for p in parts])
+        return data.reshape(-1, *data.shape[2:]), valid
+
+    def close(self) -> None:
+        for reader in self.dates:
+            close = getattr(reader, "close", None)
+            if close:
+                close()
 
 
 @dataclass

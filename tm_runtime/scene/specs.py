@@ -26,12 +26,17 @@ def class_colors(count: int) -> tuple[tuple[int, int, int], ...]:
 @dataclass(frozen=True)
 class ModalitySpec:
     """What the model wants of one input modality: band names (in order), the modality's complete
-    band list (to pick a subset from a file holding all of them) and the fill for nodata pixels."""
+    band list (to pick a subset from a file holding all of them) and the fill for nodata pixels
+    (per band; per band and date for a temporal model with per-date statistics)."""
 
     name: str
     bands: tuple[str, ...]
     full_bands: tuple[str, ...] = ()
     fill: tuple[float, ...] | None = None
+    date_fill: tuple[tuple[float, ...], ...] | None = None  # per date, where statistics are per (band, date)
+
+    def fill_of_date(self, t: int) -> tuple[float, ...] | None:
+        return self.date_fill[t] if self.date_fill is not None and t < len(self.date_fill) else self.fill
 
     @property
     def class_map(self) -> bool:
