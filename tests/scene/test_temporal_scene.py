@@ -91,17 +91,31 @@ def test_per_date_statistics_give_per_date_fills(tmp_path):
     np.testing.assert_array_equal(got[:, :, 0, 0], means)
 
 
-def test_date_count_errors(three_dates, tmp_path):
+def test_date_count_errors_come_before_anything_is_read_or_written(three_dates, tmp_path, monkeypatch):
     paths, _ = three_dates
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the scene was opened although the dates were wrong")
+
+    monkeypatch.setattr("tm_runtime.scene.raster.open_scene", no_reading)
+    out = tmp_path / "out"
+    out.mkdir()
     with pytest.raises(ValueError, match="concatenates exactly 3"):
-        predict_scene(FakeTemporalRuntime(), {"S2L2A": paths[:2]}, tmp_path / "a.tif")
+        predict_scene(FakeTemporalRuntime(), {"S2L2A": paths[:2]}, out / "a.tif")
     rt = FakeTemporalRuntime(modalities=("S2L2A", "S1GRD"))
     s1 = [write_scene(tmp_path / f"s1_{t}.tif", np.ones((2, 224, 224), np.float32)) for t in range(2)]
     with pytest.raises(ValueError, match="another modality has 3"):
-        predict_scene(rt, {"S2L2A": paths, "S1GRD": s1}, tmp_path / "b.tif")
-    with pytest.raises(ValueError, match="S2L2A was given 3 dates"):
-        predict_scene(FakeTaskRuntime(), {"S2L2A": paths}, tmp_path / "c.tif")  # not a temporal model
-    assert not list(tmp_path.glob("[abc].tif*"))
+        predict_scene(rt, {"S2L2A": paths, "S1GRD": s1}, out / "b.tif")
+    with pytest.raises(ValueError, match="S2L2A was given 3 dates.*not multi-temporal"):
+        predict_scene(FakeTaskRuntime(), {"S2L2A": paths}, out / "c.tif")  # not a temporal model
+    rt = FakeTemporalRuntime(pooling="mean", n_timestamps=None)
+    means = np.full((12, 2), 100.0)  # statistics per band and date, for 2 dates
+    rt.task.standardization = {"S2L2A": (means, np.ones_like(means))}
+    with pytest.raises(ValueError, match="per date, for 2 dates"):
+        predict_scene(rt, {"S2L2A": paths}, out / "d.tif")
+    with pytest.raises(ValueError, match="same modality more than once"):
+        predict_scene(FakeTemporalRuntime(), {"S2L2A": paths[:2], "s2l2a": paths[2]}, out / "e.tif")
+    assert not list(out.iterdir())  # no output, not even a hidden temporary one
 
 
 def test_embed_takes_one_date(three_dates, tmp_path):
@@ -132,10 +146,13 @@ def test_tm_run_repeated_input_lists_dates(three_dates, tmp_path, monkeypatch):
             return rt
 
     monkeypatch.setattr("tm_runtime.scene.ray_executor.RuntimeFactory", Factory)
-    argv = ["predict", "unused", *[a for p in paths for a in ("--input", f"S2L2A={p}")], "--out",
+    names = ["S2L2A", "s2l2a", "S2L2A"]  # one modality under any of its names: still one list of dates
+    argv = ["predict", "unused", *[a for n, p in zip(names, paths) for a in ("--input", f"{n}={p}")], "--out",
             str(tmp_path / "m.tif"), "--padding", "none", "--no-progress"]
     assert main(argv) == 0
     assert rt.seen[0]["S2L2A"].shape == (1, 12, 3, 224, 224)
+    with rasterio.open(paths[1]) as second:
+        np.testing.assert_array_equal(rt.seen[0]["S2L2A"][0, :, 1], second.read().astype(np.float32))
 
 
 def test_ray_workers_get_every_date(three_dates):

@@ -37,12 +37,19 @@ def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
 
 
 def _inputs(items: list[str]) -> dict[str, str | list[str]]:
-    """--input MOD=PATH, repeated; a modality given several times lists its dates, in order."""
+    """--input MOD=PATH, repeated; a modality given several times (under any of its names) lists
+    its dates, in order."""
+    from ..modalities import get_modality
+
     out: dict[str, str | list[str]] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key or not value:
             raise ValueError(f"--input must look like NAME=VALUE, got {item!r}")
+        try:
+            key = get_modality(key).name
+        except (KeyError, ValueError):
+            pass  # not a modality: the command's own check names it
         if key in out:
             before = out[key]
             out[key] = [*(before if isinstance(before, list) else [before]), value]

@@ -130,9 +130,10 @@ class SceneOp:
         several = {name: t for name, t in dates.items() if t != 1}
         if several:
             command = type(self).__name__.removesuffix("Op").lower()
+            why = ("this task model is not multi-temporal" if command == "predict"
+                   else "several dates are for multi-temporal task models: tm-run predict")
             raise ValueError(f"{command} takes one raster per modality; "
-                             + ", ".join(f"{n} was given {t} dates" for n, t in several.items())
-                             + " (several dates are for multi-temporal task models: tm-run predict)")
+                             + ", ".join(f"{n} was given {t} dates" for n, t in several.items()) + f" ({why})")
 
     def describe(self) -> dict:
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
@@ -258,12 +259,19 @@ class PredictOp(SceneOp):
     def check_dates(self, rt, dates: Mapping[str, int]) -> None:
         """A multi-temporal task model takes the same number of dates for every modality, as its
         temporal pooling allows (the runtime's own rules); any other model one date."""
-        temporal = getattr(self._task(rt), "temporal", None)
+        task = self._task(rt)
+        temporal = getattr(task, "temporal", None)
+        self._dates = None
         if temporal is None:
             return super().check_dates(rt, dates)
         steps = None
+        stats = (getattr(task, "standardization", None) or {}) if self.standardize else {}
         for name, t in dates.items():
             steps = temporal.check_dates(name, t, steps)
+            mean = stats.get(name, (None, None))[0]
+            if mean is not None and np.ndim(mean) == 2 and np.shape(mean)[1] != t:
+                raise ValueError(f"{name}: {t} dates, but the task config's statistics are per date, for "
+                                 f"{np.shape(mean)[1]} dates")
         self._dates = dict(dates)
 
     def outputs(self, rt) -> list[OutputSpec]:

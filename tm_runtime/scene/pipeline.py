@@ -133,6 +133,9 @@ def run_scene(runtime, op: SceneOp, inputs: Mapping[str, Any], out,
         raise ValueError(f"tiling: crop ({tiling.crop}) must equal the export's image size ({window_size(runtime)}); "
                          f"re-export with --image-size {tiling.crop} for other windows")
     specs = op.input_specs(runtime, list(inputs))
+    if len(specs) != len(inputs):  # e.g. "S2L2A" and "s2l2a": one modality, its dates go in one list
+        raise ValueError(f"inputs: {', '.join(map(str, inputs))} name the same modality more than once; give a "
+                         "modality's dates as one list (tm-run: repeat --input with one name)")
     inputs = {name: value for name, value in zip(specs, inputs.values())}
     op.check_dates(runtime, {name: len(date_sources(value)) for name, value in inputs.items()})
     out_specs = op.outputs(runtime)

@@ -175,7 +175,7 @@ class SceneJob:
     """One scene for ``run_scenes``: the command, its inputs and destinations, and its options."""
 
     command: str  # embed | predict | generate
-    inputs: Mapping[str, str]
+    inputs: Mapping[str, str | Sequence[str]]  # a modality's dates as a list (multi-temporal task models)
     out: Any  # a path, or {name: path}
     options: Mapping[str, Any] = field(default_factory=dict)  # EmbedOp / PredictOp / GenerateOp arguments
     tiling: Any = None  # TilingParams
@@ -205,7 +205,8 @@ def run_one(runtime, job: SceneJob) -> dict[str, Any]:
                             **dict(job.run_options))
         return {"ok": True, **summary}
     except Exception as error:  # noqa: BLE001 - one bad scene does not stop the others; reported
-        return {"ok": False, "inputs": {k: str(v) for k, v in job.inputs.items()},
+        return {"ok": False, "inputs": {k: [str(d) for d in date_sources(v)] if len(date_sources(v)) > 1 else str(v)
+                                        for k, v in job.inputs.items()},
                 "error": f"{type(error).__name__}: {error}"}
 
 

@@ -36,7 +36,12 @@ class ModalitySpec:
     date_fill: tuple[tuple[float, ...], ...] | None = None  # per date, where statistics are per (band, date)
 
     def fill_of_date(self, t: int) -> tuple[float, ...] | None:
-        return self.date_fill[t] if self.date_fill is not None and t < len(self.date_fill) else self.fill
+        if self.date_fill is None:
+            return self.fill
+        if not 0 <= t < len(self.date_fill):
+            raise ValueError(f"{self.name}: date {t + 1} has no statistics (they are per date, for "
+                             f"{len(self.date_fill)} dates)")
+        return self.date_fill[t]
 
     @property
     def class_map(self) -> bool:
