@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .sampling import ARGMAX_TEMPERATURE, sample_tokens, sampling_probs
+from .sampling import ARGMAX_TEMPERATURE, sample_from_uniforms, sample_tokens, sampling_probs
 from .schedules import linear_schedule
 
 SCHEMES = ("roar", "maskgit")
@@ -36,13 +36,18 @@ def check_decoding(decoding_steps: int, scheme: str, num_positions: int) -> None
         raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
 
 
-def _confidence(logits: np.ndarray, ids: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
+def _sample_with_confidence(logits: np.ndarray, rng: np.random.Generator, temperature: float, top_k: int,
+                            top_p: float) -> tuple[np.ndarray, np.ndarray]:
+    """``sample_tokens``'s ids (the same draws from the same ``rng``) and each id's probability
+    under the distribution it was drawn from, computed once."""
     if temperature <= ARGMAX_TEMPERATURE:
+        ids = sample_tokens(logits, rng, temperature=temperature)
         shifted = logits - logits.max(-1, keepdims=True)
         probs = np.exp(shifted) / np.exp(shifted).sum(-1, keepdims=True)
     else:
         probs = sampling_probs(logits, temperature, top_k, top_p)
-    return np.take_along_axis(probs, ids[:, None], axis=-1)[:, 0]
+        ids = sample_from_uniforms(probs, rng.random(probs.shape[0]))
+    return ids, np.take_along_axis(probs, ids[:, None], axis=-1)[:, 0]
 
 
 def iterative_decode(
@@ -69,8 +74,7 @@ def iterative_decode(
             ids[chosen] = sample_tokens(logits[chosen], rng, temperature=temperature, top_k=top_k, top_p=top_p)
         else:
             unknown = np.flatnonzero(~known)
-            sampled = sample_tokens(logits[unknown], rng, temperature=temperature, top_k=top_k, top_p=top_p)
-            confidence = _confidence(logits[unknown], sampled, temperature, top_k, top_p)
+            sampled, confidence = _sample_with_confidence(logits[unknown], rng, temperature, top_k, top_p)
             best = np.argsort(-confidence, kind="stable")[:count]
             chosen = unknown[best]
             ids[chosen] = sampled[best]

@@ -162,3 +162,26 @@ def test_ray_workers_get_every_date(three_dates):
     assert _as_paths({"S2L2A": paths, "S1GRD": paths[0]}) == {"S2L2A": [str(p) for p in paths], "S1GRD": str(paths[0])}
     with pytest.raises(ValueError, match="workers can open"):
         _as_paths({"S2L2A": [paths[0], arrays[1]]})
+
+
+def test_in_memory_tiled_inference_of_date_stacks_equals_terratorch():
+    """(C, T, H, W) arrays through ours and (1, C, T, H, W) through terratorch's tiled_inference,
+    the same window function of the dates, defaults (reflect padding, blending): equal."""
+    torch = pytest.importorskip("torch")
+    tt = pytest.importorskip("terratorch.tasks.tiled_inference")
+    from tm_runtime.scene import tiled_inference
+
+    rng = np.random.default_rng(5)
+    stack = np.stack([s2_array(300, 400, seed=80 + t)[:6] for t in range(3)], axis=1).astype(np.float32)
+    weights = {"S2L2A": (rng.standard_normal((4, 6)) / 3000).astype(np.float32)}
+
+    def forward(x: np.ndarray) -> np.ndarray:  # (B, C, T, h, w) -> (B, 4, h, w)
+        assert x.ndim == 5 and x.shape[1:3] == (6, 3)
+        return sum((t + 1) * window_function(weights, {"S2L2A": x[:, :, t]}) for t in range(x.shape[2]))
+
+    ours = tiled_inference(forward, stack)
+    with torch.no_grad():
+        theirs = tt.tiled_inference(lambda x: torch.from_numpy(forward(x.numpy())), torch.from_numpy(stack[None]),
+                                    verbose=False).numpy()[0]
+    assert ours.shape == theirs.shape == (4, 300, 400)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5 * np.abs(theirs).max())
