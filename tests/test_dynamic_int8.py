@@ -52,13 +52,22 @@ def test_same_graph_and_bits_as_onnxruntime(small_generate_export, tmp_path, gra
     assert set(inits_a) == set(inits_b)
     for name, value in inits_a.items():
         assert value.dtype == inits_b[name].dtype and np.array_equal(value, inits_b[name]), name
-    assert Counter(n.op_type for n in a.graph.node) == Counter(n.op_type for n in b.graph.node)
+    assert node_set(a) == node_set(b)
     assert Counter(n.op_type for n in a.graph.node)["MatMulInteger"] == len(nodes)
+    assert_same_outputs(ours, theirs, random_feeds(ort.InferenceSession(str(ours)), tokens=196))
+
+
+def node_set(model) -> Counter:
+    """Every node as (op, name, inputs, outputs, attributes): onnxruntime sorts its nodes anew."""
+    return Counter((n.op_type, n.name, tuple(n.input), tuple(n.output),
+                    tuple((a.name, str(onnx.helper.get_attribute_value(a))) for a in n.attribute)) for n in model.graph.node)
+
+
+def assert_same_outputs(ours: Path, theirs: Path, feeds: dict[str, np.ndarray]) -> None:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     session_a = ort.InferenceSession(str(ours), options, providers=["CPUExecutionProvider"])
     session_b = ort.InferenceSession(str(theirs), options, providers=["CPUExecutionProvider"])
-    feeds = random_feeds(session_a, tokens=196)
     for x, y in zip(session_a.run(None, feeds), session_b.run(None, feeds)):
         np.testing.assert_array_equal(x, y)
 
@@ -85,7 +94,46 @@ def _matmul_graph(weights: list[np.ndarray], opset: int = 17, b_from_input: bool
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
-def test_supported_only_for_matmuls_by_a_2d_float_initializer():
+def _fan_graph():
+    """What the exported graphs do not show: one graph input feeding three MatMuls (one
+    DynamicQuantizeLinear for all), one weight read by two of them, MatMul outputs that are graph
+    outputs, and a float MatMul left alone."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(4)
+    w = {k: rng.standard_normal(shape).astype(np.float32) for k, shape in
+         (("wa", (16, 8)), ("wb", (16, 8)), ("wc", (8, 8)))}
+    nodes = [helper.make_node("MatMul", ["x", "wa"], ["ya"], name="a"),
+             helper.make_node("MatMul", ["x", "wb"], ["yb"], name="b"),
+             helper.make_node("MatMul", ["x", "wa"], ["ya2"], name="a2"),
+             helper.make_node("Add", ["ya", "yb"], ["s"], name="add"),
+             helper.make_node("MatMul", ["s", "wc"], ["yc"], name="c_float")]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [5, 8]) for n in ("ya2", "yc")]
+    graph = helper.make_graph(nodes, "fan", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 16])], outputs,
+                              [numpy_helper.from_array(v, k) for k, v in w.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_fan_out_and_shared_weights_as_onnxruntime(tmp_path):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src, ours, theirs = tmp_path / "fan.onnx", tmp_path / "ours.onnx", tmp_path / "theirs.onnx"
+    onnx.save(_fan_graph(), str(src))
+    nodes = ["a", "b", "a2"]
+    assert dynamic_int8.supported(onnx.load(str(src)), nodes)
+    dynamic_int8.quantize_matmuls(src, ours, nodes)
+    quantize_dynamic(str(src), str(theirs), weight_type=QuantType.QInt8, nodes_to_quantize=nodes)
+    a, b = onnx.load(str(ours)), onnx.load(str(theirs))
+    onnx.checker.check_model(a)
+    assert node_set(a) == node_set(b)
+    assert Counter(n.op_type for n in a.graph.node)["DynamicQuantizeLinear"] == 1
+    assert {i.name for i in a.graph.initializer} == {i.name for i in b.graph.initializer}
+    assert_same_outputs(ours, theirs, {"x": np.random.default_rng(5).standard_normal((5, 16)).astype(np.float32)})
+
+
+def test_supported_only_where_the_result_is_onnxruntimes():
+    from onnx import TensorProto, helper
+
     w = [np.ones((8, 8), np.float32)] * 2
     assert dynamic_int8.supported(_matmul_graph(w), ["mm0", "mm1"])
     assert not dynamic_int8.supported(_matmul_graph(w), [])
@@ -93,25 +141,24 @@ def test_supported_only_for_matmuls_by_a_2d_float_initializer():
     assert not dynamic_int8.supported(_matmul_graph(w, opset=10), ["mm0"])  # no DynamicQuantizeLinear
     assert not dynamic_int8.supported(_matmul_graph(w, b_from_input=True), ["mm0"])  # weight computed at run time
     assert not dynamic_int8.supported(_matmul_graph([np.ones((2, 8, 8), np.float32)]), ["mm0"])
-
-
-def test_a_weight_shared_with_a_float_matmul_stays_float_for_it(tmp_path):
-    """Two MatMuls read one weight, one of them quantised: the float weight must survive."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    w = np.random.default_rng(1).standard_normal((16, 16)).astype(np.float32)
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["y0"], name="q"), helper.make_node("MatMul", ["y0", "w"], ["y1"], name="f")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])],
-                              [helper.make_tensor_value_info("y1", TensorProto.FLOAT, [4, 16])], [numpy_helper.from_array(w, "w")])
-    src = tmp_path / "shared.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
-    dynamic_int8.quantize_matmuls(src, tmp_path / "out.onnx", ["q"])
-    out = onnx.load(str(tmp_path / "out.onnx"))
-    onnx.checker.check_model(out)
-    assert {"w", "w_quantized"} <= {i.name for i in out.graph.initializer}
-    x = np.random.default_rng(2).standard_normal((4, 16)).astype(np.float32)
-    got = ort.InferenceSession(str(tmp_path / "out.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    np.testing.assert_allclose(got, x @ w @ w, rtol=0.05, atol=0.05 * np.abs(x @ w @ w).max())
+    fan = _fan_graph()
+    assert not dynamic_int8.supported(fan, ["a", "b"])  # wa is also read by a2, which stays float
+    assert dynamic_int8.supported(fan, ["c_float"])
+    unnamed = _matmul_graph(w)
+    unnamed.graph.node[0].name = ""
+    assert not dynamic_int8.supported(unnamed, [""])
+    twice = _matmul_graph(w)
+    twice.graph.node[1].name = "mm0"
+    assert not dynamic_int8.supported(twice, ["mm0"])
+    as_input = _matmul_graph(w)  # an initializer listed among the graph inputs (old IR): a feed may replace it
+    as_input.graph.input.append(helper.make_tensor_value_info("w0", TensorProto.FLOAT, [8, 8]))
+    assert not dynamic_int8.supported(as_input, ["mm0"])
+    as_output = _matmul_graph(w)
+    as_output.graph.output.append(helper.make_tensor_value_info("w1", TensorProto.FLOAT, [8, 8]))
+    assert not dynamic_int8.supported(as_output, ["mm1"])
+    taken = _matmul_graph(w)  # a tensor already has a name the rewrite would give
+    taken.graph.node.append(helper.make_node("Identity", ["y1"], ["x_scale"], name="id"))
+    assert not dynamic_int8.supported(taken, ["mm0"])
 
 
 MEASURE = """
