@@ -72,14 +72,15 @@ def supported(model: Any, nodes: list[str]) -> bool:
     return True
 
 
-def quantize_matmuls(src: Path, dst: Path, nodes: list[str]) -> None:
-    """Write ``src`` to ``dst`` with the MatMuls named in ``nodes`` dynamic int8 (see the module
-    docstring); the caller checked ``supported``."""
+def quantize_matmuls(src: Path | Any, dst: Path, nodes: list[str]) -> None:
+    """Write ``src`` (a path, or a loaded model with its weights, which is rewritten) to ``dst``
+    with the MatMuls named in ``nodes`` dynamic int8 (see the module docstring); the caller checked
+    ``supported``."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
     from onnxruntime.quantization.quant_utils import quantize_data
 
-    model = onnx.load(str(src))
+    model = onnx.load(str(src)) if isinstance(src, (str, Path)) else src
     graph = model.graph
     inits = _initializers(model)
     chosen = set(nodes)

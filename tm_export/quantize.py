@@ -269,19 +269,21 @@ def quantize_graph(src: Path, dst: Path, method: str, feeds: list[dict[str, np.n
              "fp32_gated_projections": len(gated)}
     if not nodes:  # onnxruntime reads an empty nodes_to_quantize as "every node"
         raise QuantizationError(f"{src.name}: no MatMul/Gemm/Conv with a constant weight to quantise")
-    # MatMuls only: dynamic_int8 writes the graph onnxruntime would, without its copies of it.
-    matmuls_only = method == "dynamic" and dynamic_int8.supported(model, nodes)
-    del model  # a graph under 2 GB is one file: this proto holds its weights
     if method == "dynamic":
-        if matmuls_only:
-            dynamic_int8.quantize_matmuls(src, dst, nodes)
+        if dynamic_int8.supported(model, nodes):
+            # MatMuls only: the graph onnxruntime would write, without its copies of it. The model
+            # read above is reused (a graph under 2 GB is one file: it holds its weights already).
+            onnx.load_external_data_for_model(model, str(src.parent))
+            dynamic_int8.quantize_matmuls(model, dst, nodes)
             writer = "tm_export.dynamic_int8"
         else:
+            del model  # onnxruntime reads the file itself
             quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=list(INT8_OPS),
                              nodes_to_quantize=nodes)
             writer = "onnxruntime.quantization"
         return {"method": "dynamic", "weights": "int8 per tensor", "activations": "uint8, range per call",
                 "written_by": writer, **facts}
+    del model  # onnxruntime reads the file itself
     if not feeds:
         raise QuantizationError(f"{src.name}: no calibration feeds were recorded for it")
     quantize_static(str(src), str(dst), _Reader(feeds), quant_format=QuantFormat.QDQ,

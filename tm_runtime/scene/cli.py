@@ -24,12 +24,17 @@ from ..cli_args import positive_int as _positive
 SUBCOMMANDS = ("predict", "generate", "embed")
 
 
+def _split(item: str, what: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key or not value:
+        raise ValueError(f"{what} must look like NAME=VALUE, got {item!r}")
+    return key, value
+
+
 def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key or not value:
-            raise ValueError(f"{what} must look like NAME=VALUE, got {item!r}")
+        key, value = _split(item, what)
         if key in out:
             raise ValueError(f"{what}: {key} given twice")
         out[key] = value
@@ -43,9 +48,7 @@ def _inputs(items: list[str]) -> dict[str, str | list[str]]:
 
     out: dict[str, str | list[str]] = {}
     for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key or not value:
-            raise ValueError(f"--input must look like NAME=VALUE, got {item!r}")
+        key, value = _split(item, "--input")
         try:
             key = get_modality(key).name
         except (KeyError, ValueError):

@@ -224,13 +224,14 @@ def open_scene(inputs: Mapping[str, Any], specs: Mapping[str, ModalitySpec],
 def _open_scene(inputs, specs, options, stack) -> Scene:
     # Per modality one dataset per date (a list of sources); the first date of the first modality
     # is the reference grid, and every date of every modality is aligned to it.
-    opened = {name: [_open(name if len(dates) == 1 else f"{name} date {t + 1}", source, stack)
-                     for t, source in enumerate(dates)]
+    labels = {name: [name] if len(dates) == 1 else [f"{name} date {t + 1}" for t in range(len(dates))]
               for name, dates in ((name, date_sources(source)) for name, source in inputs.items())}
+    opened = {name: [_open(label, source, stack) for label, source in zip(labels[name], date_sources(inputs[name]))]
+              for name in inputs}
     ref_name = next(iter(opened))
     ref, ref_label = opened[ref_name][0]
-    flat = [(name if len(dates) == 1 else f"{name} date {t + 1}", dataset, label)
-            for name, dates in opened.items() for t, (dataset, label) in enumerate(dates)]
+    flat = [(who, dataset, label) for name, dates in opened.items()
+            for who, (dataset, label) in zip(labels[name], dates)]
     if ref.crs is None:
         others = [n for n, d, _ in flat[1:] if (d.width, d.height) != (ref.width, ref.height)]
         if others:

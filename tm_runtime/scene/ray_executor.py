@@ -197,6 +197,11 @@ def make_op(command: str, options: Mapping[str, Any]):
     raise ValueError(f"unknown command {command!r}; use embed, predict or generate")
 
 
+def _describe(source: Any) -> str | list[str]:
+    dates = date_sources(source)
+    return [str(d) for d in dates] if len(dates) > 1 else str(source)
+
+
 def run_one(runtime, job: SceneJob) -> dict[str, Any]:
     from .pipeline import run_scene
 
@@ -205,8 +210,7 @@ def run_one(runtime, job: SceneJob) -> dict[str, Any]:
                             **dict(job.run_options))
         return {"ok": True, **summary}
     except Exception as error:  # noqa: BLE001 - one bad scene does not stop the others; reported
-        return {"ok": False, "inputs": {k: [str(d) for d in date_sources(v)] if len(date_sources(v)) > 1 else str(v)
-                                        for k, v in job.inputs.items()},
+        return {"ok": False, "inputs": {k: _describe(v) for k, v in job.inputs.items()},
                 "error": f"{type(error).__name__}: {error}"}
 
 
