@@ -2,14 +2,14 @@
 terratorch's GenerationSampler.sample_tokens (torch), interleaved in one process, 2 threads
 (BENCHMARKS.md "Token sampling at the defaults").
 
-    python scripts/bench_sampling.py [ITERATIONS]
+    python scripts/bench_sampling.py [--iterations 7]
 
 The shapes are generate's: 196 tokens of one image for S1GRD-like (V = 15360) and LULC (V = 4375)
 heads, and 392 rows (batch 2). Logits are random normal x 3: a wide nucleus, the sort's worst case.
 """
 from __future__ import annotations
 
-import sys
+import argparse
 import time
 
 import numpy as np
@@ -52,4 +52,6 @@ def main(iterations: int = 7) -> None:
 
 
 if __name__ == "__main__":
-    main(*(int(a) for a in sys.argv[1:2]))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--iterations", type=int, default=7, help="timed calls per contender and shape (default 7)")
+    main(parser.parse_args().iterations)
