@@ -72,16 +72,25 @@ def _backend(export, core, **options):
                            OpenVinoOptions.parse({"cache_dir": None, **options}), core=core)
 
 
-def test_bf16_compiles_every_graph_bf16_but_the_tokenizer_encoders(all_kinds_export):
+def test_bf16_compiles_every_graph_bf16_but_the_tokenizer_encoders_and_patch_embeddings(all_kinds_export):
     core = FakeCore(["FP32", "BF16", "INT8"])
     backend = _backend(all_kinds_export, core, precision="bf16", threads=2)
     for name in backend._paths:
         backend.compiled(name)
-    assert backend.fp32_graphs == ["tokenize_DEM", "tokenize_LULC"]
+    assert backend.fp32_graphs == ["embed_S2L2A", "tokenize_DEM", "tokenize_LULC"]
+    assert "embed_coords" in core.compiled  # a token embedding (no convolution): bf16
     for name, config in core.compiled.items():
-        want = "f32" if name.startswith("tokenize_") else "bf16"
+        want = "f32" if name.startswith("tokenize_") or name == "embed_S2L2A" else "bf16"
         assert config["INFERENCE_PRECISION_HINT"] == want, name
         assert config["INFERENCE_NUM_THREADS"] == 2 and "CACHE_DIR" not in config
+
+
+def test_fp16_keeps_only_the_tokenizer_encoders_fp32(all_kinds_export):
+    core = FakeCore(["FP32", "FP16"])
+    backend = _backend(all_kinds_export, core, precision="fp16")
+    assert backend.fp32_graphs == ["tokenize_DEM", "tokenize_LULC"]
+    backend.compiled("embed_S2L2A")
+    assert core.compiled["embed_S2L2A"]["INFERENCE_PRECISION_HINT"] == "f16"
 
 
 def test_bf16_without_hardware_is_a_clear_error(all_kinds_export):
@@ -107,6 +116,19 @@ def test_a_compiled_model_that_quietly_runs_f32_is_caught(all_kinds_export):
     backend.compiled("tokenize_DEM")  # asked for f32: fine
 
 
+def test_the_precision_check_reads_openvino_element_types(all_kinds_export):
+    """A real compiled model reports an ``openvino.Type`` (str() "<Type: 'bfloat16'>"), not "bf16"."""
+    ov = pytest.importorskip("openvino")
+    from tm_runtime.backends.openvino import PrecisionUnsupported
+
+    _backend(all_kinds_export, FakeCore(["FP32", "BF16"], runs_as=ov.Type.bf16), precision="bf16").compiled("encoder")
+    _backend(all_kinds_export, FakeCore(["FP32", "FP16"], runs_as=ov.Type.f16), precision="fp16").compiled("encoder")
+    for runs_as in (ov.Type.f32, ov.Type.f16):
+        backend = _backend(all_kinds_export, FakeCore(["FP32", "BF16"], runs_as=runs_as), precision="bf16")
+        with pytest.raises(PrecisionUnsupported, match=f"the compiled model runs {runs_as.get_type_name()}"):
+            backend.compiled("encoder")
+
+
 def _real_bf16() -> bool:
     try:
         import openvino
@@ -124,6 +146,29 @@ def test_bf16_on_this_cpu_is_refused_unless_it_has_bf16(tiny_export):
     else:
         with pytest.raises(PrecisionUnsupported, match="OPTIMIZATION_CAPABILITIES"):
             TerraMindRuntime(tiny_export, backend="openvino", backend_options={"precision": "bf16"})
+
+
+@pytest.mark.skipif(not _real_bf16(), reason="this CPU has no bf16 (OpenVINO's OPTIMIZATION_CAPABILITIES lacks "
+                                            "BF16: no AVX512_BF16 / AMX)")
+def test_openvino_bf16_patchify_convolution_bug_is_still_there():
+    """Why the patch embeddings run f32 under bf16: a 16x16 stride-16 convolution of 12 channels (S2L2A)
+    comes out of OpenVINO's bf16 CPU kernels unrelated to f32, while 2 channels (S1GRD) are fine. When this
+    test fails, OpenVINO has fixed it and ``keeps_fp32_under`` can let the embeddings run bf16."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    rng = np.random.default_rng(0)
+    cosines = {}
+    for channels in (2, 12):
+        image = ops.parameter([1, channels, 224, 224], ov.Type.f32)
+        weight = (rng.standard_normal((192, channels, 16, 16)) / np.sqrt(channels * 256)).astype(np.float32)
+        model = ov.Model([ops.convolution(image, ops.constant(weight), [16, 16], [0, 0], [0, 0], [1, 1])], [image])
+        x = rng.standard_normal((1, channels, 224, 224)).astype(np.float32)
+        out = {p: ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": p})(x)[0].ravel()
+               for p in ("f32", "bf16")}
+        cosines[channels] = float(out["bf16"] @ out["f32"] / np.linalg.norm(out["bf16"]) / np.linalg.norm(out["f32"]))
+    assert cosines[2] > 0.9999, cosines
+    assert cosines[12] < 0.5, f"OpenVINO {ov.__version__} computes it right now: {cosines}"
 
 
 @needs_tiles

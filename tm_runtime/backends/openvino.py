@@ -12,6 +12,10 @@ against the device's ``OPTIMIZATION_CAPABILITIES`` before anything is compiled, 
 model's precision is read back afterwards. Graphs whose outputs are rounded to integers (the FSQ
 tokenizer encoders: ``quant`` and ``ids``) always run in f32: a value next to an FSQ rounding
 boundary moves to the neighbouring level under bf16's 8-bit mantissa, which changes the token ids.
+Under bf16 the image patch embeddings run in f32 too: OpenVINO 2026.4.1's CPU plugin computes a
+patchifying convolution (kernel = stride, e.g. 16x16 stride 16) in bf16 wrongly when it has 4 to 16
+input channels (output cosine ~0 against f32 on an AMX Xeon; S2L2A's 12 bands hit it, S1GRD's 2 do
+not). They are a few percent of an embed call; tests/openvino checks the bug is still there.
 
 Needs ``openvino`` (``pip install 'tm-deploy[openvino]'``); imported only when this backend is chosen.
 """
@@ -104,6 +108,17 @@ def keeps_fp32(entry: Mapping[str, Any]) -> bool:
     return any(not str(o.get("dtype", "float32")).startswith("float") for o in entry.get("outputs", ()))
 
 
+def is_patch_embedding(entry: Mapping[str, Any]) -> bool:
+    """Whether a manifest graph entry is a modality's image patch embedding (``embed_<MODALITY>``)."""
+    return (entry.get("role") is None and "modality" in entry
+            and any(i.get("name") == "image" for i in entry.get("inputs", ())))
+
+
+def keeps_fp32_under(precision: str, entry: Mapping[str, Any]) -> bool:
+    """``keeps_fp32``, plus the patch embeddings under bf16 (OpenVINO's bf16 patchify bug, above)."""
+    return keeps_fp32(entry) or (precision == "bf16" and is_patch_embedding(entry))
+
+
 def device_capabilities(core: Any, device: str) -> set[str]:
     try:
         return {str(c).upper() for c in core.get_property(device, "OPTIMIZATION_CAPABILITIES")}
@@ -161,7 +176,7 @@ class OpenVinoBackend:
         self.options = options or OpenVinoOptions()
         self._paths = dict(graph_paths)
         entries = graph_entries or {}
-        self.fp32_graphs = sorted(n for n in self._paths if keeps_fp32(entries.get(n, {})))
+        self.fp32_graphs = sorted(n for n in self._paths if keeps_fp32_under(self.options.precision, entries.get(n, {})))
         if core is None:
             core = _import_openvino().Core()
         self.core = core
@@ -249,10 +264,10 @@ class OpenVinoBackend:
         if wanted == "fp32" or not self.options.device.startswith("CPU"):
             return
         try:
-            got = str(model.get_property("INFERENCE_PRECISION_HINT"))
+            got = _element_type_name(model.get_property("INFERENCE_PRECISION_HINT"))
         except RuntimeError:
             return
-        if _HINT[wanted] not in got.lower():
+        if got != _HINT[wanted]:
             raise PrecisionUnsupported(f"graph {name!r}: asked OpenVINO for {wanted}, the compiled model runs {got}")
 
     def _request(self, name: str) -> Any:
@@ -286,6 +301,19 @@ class OpenVinoBackend:
                 "threads": self.options.threads,
                 "cache_dir": str(self.options.cache_dir) if self.options.cache_dir else None,
                 "openvino": _openvino_version()}
+
+
+# str() of an openvino.Type is "<Type: 'bfloat16'>"; its short name is what the hint was given as.
+_LONG_TYPE_NAMES = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}
+
+
+def _element_type_name(value: Any) -> str:
+    """The short element type name ("bf16", "f32") of what OpenVINO reports back: an
+    ``openvino.Type`` from a real compiled model, or a string."""
+    get_name = getattr(value, "get_type_name", None)
+    name = get_name() if callable(get_name) else str(value)
+    name = name.strip().lower()
+    return _LONG_TYPE_NAMES.get(name, name)
 
 
 def _openvino_version() -> str:
