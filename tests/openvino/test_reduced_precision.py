@@ -56,8 +56,15 @@ class FakeCore:
             return self.capabilities[device] if isinstance(self.capabilities, dict) else self.capabilities
         return f"fake {device}"
 
-    def compile_model(self, path, device, config):
-        self.compiled[Path(path).stem] = dict(config, device=device)
+    def read_model(self, path):
+        import openvino
+
+        return openvino.Core().read_model(path)
+
+    def compile_model(self, source, device, config):
+        # a path, or a model the backend rewrote (named after its graph)
+        name = Path(source).stem if isinstance(source, (str, Path)) else source.get_friendly_name()
+        self.compiled[name] = dict(config, device=device, source=source)
         return FakeCompiled(self.runs_as or config["INFERENCE_PRECISION_HINT"])
 
 
@@ -72,17 +79,50 @@ def _backend(export, core, **options):
                            OpenVinoOptions.parse({"cache_dir": None, **options}), core=core)
 
 
-def test_bf16_compiles_every_graph_bf16_but_the_tokenizer_encoders_and_patch_embeddings(all_kinds_export):
+def test_bf16_compiles_every_graph_bf16_but_the_tokenizer_encoders(all_kinds_export):
     core = FakeCore(["FP32", "BF16", "INT8"])
     backend = _backend(all_kinds_export, core, precision="bf16", threads=2)
     for name in backend._paths:
         backend.compiled(name)
-    assert backend.fp32_graphs == ["embed_S2L2A", "tokenize_DEM", "tokenize_LULC"]
-    assert "embed_coords" in core.compiled  # a token embedding (no convolution): bf16
+    assert backend.fp32_graphs == ["tokenize_DEM", "tokenize_LULC"]
     for name, config in core.compiled.items():
-        want = "f32" if name.startswith("tokenize_") or name == "embed_S2L2A" else "bf16"
+        want = "f32" if name.startswith("tokenize_") else "bf16"
         assert config["INFERENCE_PRECISION_HINT"] == want, name
         assert config["INFERENCE_NUM_THREADS"] == 2 and "CACHE_DIR" not in config
+    # the patch embedding is compiled from a model whose patchifying convolution is a MatMul now
+    assert list(backend.rewritten) == ["embed_S2L2A"] and backend.describe()["convolutions_as_matmul"]
+    ops = [op.get_type_name() for op in core.compiled["embed_S2L2A"]["source"].get_ops()]
+    assert "Convolution" not in ops and "MatMul" in ops
+    assert all(isinstance(c["source"], str) for n, c in core.compiled.items() if n != "embed_S2L2A")
+
+
+def test_a_patch_embedding_the_rewrite_does_not_recognise_runs_f32(all_kinds_export, monkeypatch):
+    from tm_runtime.backends import openvino_patchify
+
+    monkeypatch.setattr(openvino_patchify, "rewrite_patchify_convolutions", lambda model: [])
+    core = FakeCore(["FP32", "BF16"])
+    backend = _backend(all_kinds_export, core, precision="bf16")
+    backend.compiled("embed_S2L2A")
+    assert core.compiled["embed_S2L2A"]["INFERENCE_PRECISION_HINT"] == "f32"
+    assert "embed_S2L2A" in backend.fp32_graphs and not backend.rewritten
+
+
+def test_the_patchify_rewrite_is_exact_in_f32(all_kinds_export):
+    """Everywhere (no bf16 needed): the rewritten patch embedding computes what the file does."""
+    ov = pytest.importorskip("openvino")
+    from tm_runtime.backends.openvino_patchify import rewrite_patchify_convolutions
+
+    core, path = ov.Core(), str(all_kinds_export / "embed_S2L2A.onnx")
+    model = core.read_model(path)
+    assert rewrite_patchify_convolutions(model) != []
+    image = np.random.default_rng(3).standard_normal((2, 12, 224, 224)).astype(np.float32)
+    want = core.compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(image)
+    got = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(image)
+    for i in range(len(want)):
+        np.testing.assert_allclose(got[i], want[i], rtol=1e-5, atol=1e-5 * np.abs(want[i]).max())
+    # convolutions that do not patchify (a UNet's 3x3s) are left alone
+    unet = core.read_model(str(all_kinds_export / "unet_DEM.onnx"))
+    assert rewrite_patchify_convolutions(unet) == []
 
 
 def test_fp16_keeps_only_the_tokenizer_encoders_fp32(all_kinds_export):
@@ -151,9 +191,9 @@ def test_bf16_on_this_cpu_is_refused_unless_it_has_bf16(tiny_export):
 @pytest.mark.skipif(not _real_bf16(), reason="this CPU has no bf16 (OpenVINO's OPTIMIZATION_CAPABILITIES lacks "
                                             "BF16: no AVX512_BF16 / AMX)")
 def test_openvino_bf16_patchify_convolution_bug_is_still_there():
-    """Why the patch embeddings run f32 under bf16: a 16x16 stride-16 convolution of 12 channels (S2L2A)
+    """Why the patch embeddings are rewritten under bf16: a 16x16 stride-16 convolution of 12 channels (S2L2A)
     comes out of OpenVINO's bf16 CPU kernels unrelated to f32, while 2 channels (S1GRD) are fine. When this
-    test fails, OpenVINO has fixed it and ``keeps_fp32_under`` can let the embeddings run bf16."""
+    test fails, OpenVINO has fixed it and the backend's MatMul rewrite of them can go."""
     import openvino as ov
     import openvino.opset13 as ops
 
@@ -169,6 +209,19 @@ def test_openvino_bf16_patchify_convolution_bug_is_still_there():
         cosines[channels] = float(out["bf16"] @ out["f32"] / np.linalg.norm(out["bf16"]) / np.linalg.norm(out["f32"]))
     assert cosines[2] > 0.9999, cosines
     assert cosines[12] < 0.5, f"OpenVINO {ov.__version__} computes it right now: {cosines}"
+
+
+@pytest.mark.skipif(not _real_bf16(), reason="this CPU has no bf16 (OpenVINO's OPTIMIZATION_CAPABILITIES lacks "
+                                            "BF16: no AVX512_BF16 / AMX)")
+def test_bf16_patch_embeddings_match_fp32(tiny_export):
+    """The S2L2A patch embedding (12 bands) on OpenVINO bf16 against ONNX Runtime fp32."""
+    image = np.random.default_rng(4).standard_normal((2, 12, 224, 224)).astype(np.float32)
+    reference = TerraMindRuntime(tiny_export).patch_embed("S2L2A", image)
+    candidate = TerraMindRuntime(tiny_export, backend="openvino",
+                                 backend_options={"precision": "bf16", "cache_dir": None})
+    assert "embed_S2L2A" not in candidate.backend.fp32_graphs
+    cosines = token_cosines(candidate.patch_embed("S2L2A", image), reference)
+    assert cosines.min() > 0.9999, cosines.min()
 
 
 @needs_tiles

@@ -12,10 +12,10 @@ against the device's ``OPTIMIZATION_CAPABILITIES`` before anything is compiled, 
 model's precision is read back afterwards. Graphs whose outputs are rounded to integers (the FSQ
 tokenizer encoders: ``quant`` and ``ids``) always run in f32: a value next to an FSQ rounding
 boundary moves to the neighbouring level under bf16's 8-bit mantissa, which changes the token ids.
-Under bf16 the image patch embeddings run in f32 too: OpenVINO 2026.4.1's CPU plugin computes a
-patchifying convolution (kernel = stride, e.g. 16x16 stride 16) in bf16 wrongly when it has 4 to 16
-input channels (output cosine ~0 against f32 on an AMX Xeon; S2L2A's 12 bands hit it, S1GRD's 2 do
-not). They are a few percent of an embed call; tests/openvino checks the bug is still there.
+Under bf16 the image patch embeddings are compiled with their patchifying convolution rewritten
+as a MatMul (``openvino_patchify``): OpenVINO 2026.4.1 computes such a convolution wrongly in bf16 on
+AMX for 4 to 16 input channels (S2L2A's 12 bands: cosine 0.30 against f32); a patch embedding the
+rewrite does not recognise runs in f32 instead. tests/openvino checks the bug is still there.
 
 Needs ``openvino`` (``pip install 'tm-deploy[openvino]'``); imported only when this backend is chosen.
 """
@@ -114,11 +114,6 @@ def is_patch_embedding(entry: Mapping[str, Any]) -> bool:
             and any(i.get("name") == "image" for i in entry.get("inputs", ())))
 
 
-def keeps_fp32_under(precision: str, entry: Mapping[str, Any]) -> bool:
-    """``keeps_fp32``, plus the patch embeddings under bf16 (OpenVINO's bf16 patchify bug, above)."""
-    return keeps_fp32(entry) or (precision == "bf16" and is_patch_embedding(entry))
-
-
 def device_capabilities(core: Any, device: str) -> set[str]:
     try:
         return {str(c).upper() for c in core.get_property(device, "OPTIMIZATION_CAPABILITIES")}
@@ -176,7 +171,9 @@ class OpenVinoBackend:
         self.options = options or OpenVinoOptions()
         self._paths = dict(graph_paths)
         entries = graph_entries or {}
-        self.fp32_graphs = sorted(n for n in self._paths if keeps_fp32_under(self.options.precision, entries.get(n, {})))
+        self.fp32_graphs = sorted(n for n in self._paths if keeps_fp32(entries.get(n, {})))
+        self._patch_embeddings = {n for n in self._paths if is_patch_embedding(entries.get(n, {}))}
+        self.rewritten: dict[str, list[str]] = {}  # graph -> its convolutions compiled as MatMuls
         if core is None:
             core = _import_openvino().Core()
         self.core = core
@@ -230,12 +227,29 @@ class OpenVinoBackend:
     session = compiled
 
     def _compile(self, name: str) -> Any:
-        path, device, config = self._paths[name], self.options.device, self.compile_config(name)
+        path, device = self._paths[name], self.options.device
+        source: Any = str(path)
         try:
-            model = self.core.compile_model(str(path), device, config)
+            if self.precision_of(name) == "bf16" and name in self._patch_embeddings:
+                source = self._bf16_patch_embedding(name, path)
+            model = self.core.compile_model(source, device, self.compile_config(name))
         except RuntimeError as exc:
             raise self._compile_error(name, path, exc) from exc
         self._check_precision(name, model)
+        return model
+
+    def _bf16_patch_embedding(self, name: str, path: Path) -> Any:
+        """The graph with its patchifying convolution as a MatMul (see the module docstring); a graph
+        without one we recognise is compiled from its file in f32 instead."""
+        from .openvino_patchify import rewrite_patchify_convolutions
+
+        model = self.core.read_model(str(path))
+        replaced = rewrite_patchify_convolutions(model)
+        if not replaced:
+            self.fp32_graphs = sorted({*self.fp32_graphs, name})
+            return str(path)
+        model.set_friendly_name(name)
+        self.rewritten[name] = replaced
         return model
 
     def _compile_error(self, name: str, path: Path, exc: Exception) -> OpenVinoError:
@@ -298,6 +312,7 @@ class OpenVinoBackend:
         return {"device": device, "full_device_name": _full_name(core, device),
                 "optimization_capabilities": sorted(device_capabilities(core, device)),
                 "precision": self.options.precision, "fp32_graphs": self.fp32_graphs,
+                "convolutions_as_matmul": dict(self.rewritten),
                 "threads": self.options.threads,
                 "cache_dir": str(self.options.cache_dir) if self.options.cache_dir else None,
                 "openvino": _openvino_version()}
