@@ -240,11 +240,13 @@ def format_generate_report(result: dict[str, Any]) -> str:
         lines.append("\n  per graph on the device, H2D / compute / D2H timed apart (as trtexec):")
         lines += ["  " + line for line in format_breakdown(result["device"])]
     if "torch" in result:
-        lines.append(f"\n  {'contender (interleaved)':<40} {'p50 s':>10} {'min s':>10} {'floor %':>8} {'ORT speed-up':>13}")
-        ort_p50 = result["torch"]["contenders"][result.get("engine", "onnxruntime")]["p50"]
+        engine = result.get("engine", "onnxruntime")
+        speed_up = f"{engine} speed-up"
+        lines.append(f"\n  {'contender (interleaved)':<40} {'p50 s':>10} {'min s':>10} {'floor %':>8} {speed_up:>{len(speed_up) + 1}}")
+        ort_p50 = result["torch"]["contenders"][engine]["p50"]
         for name, row in result["torch"]["contenders"].items():
             frac = f"{row['floor_fraction']:.0%}" if "floor_fraction" in row else "-"
-            lines.append(f"  {name:<40} {row['p50']:>10.2f} {row['min']:>10.2f} {frac:>8} {row['p50'] / ort_p50:>12.2f}x")
+            lines.append(f"  {name:<40} {row['p50']:>10.2f} {row['min']:>10.2f} {frac:>8} {row['p50'] / ort_p50:>{len(speed_up)}.2f}x")
     if "floor" in result:
         f = result["floor"]
         lines.append(f"  floor: {f['flops'] / 1e9:.0f} GFLOP / {f['gflops_per_s']:.0f} GFLOP/s = {f['seconds']:.2f} s")

@@ -128,9 +128,9 @@ def test_compiles_once_across_threads(all_kinds_export, ov_cache):
     compiled = []
     real = ov_rt.backend._compile
 
-    def counting(name):
-        compiled.append(name)
-        return real(name)
+    def counting(name, shapes=None):
+        compiled.append((name, shapes))
+        return real(name, shapes)
 
     ov_rt.backend._compile = counting
     x = inputs()
@@ -144,9 +144,39 @@ def test_compiles_once_across_threads(all_kinds_export, ov_cache):
         t.start()
     for t in threads:
         t.join()
-    assert sorted(compiled) == sorted(set(compiled)) and "encoder" in compiled
+    assert sorted(compiled) == sorted(set(compiled)) and "encoder" in [name for name, _ in compiled]
     for r in results[1:]:
         np.testing.assert_array_equal(r, results[0])
+
+
+def test_static_shapes_compile_per_input_shape(tiny_export):
+    """Each new input shape gets its own static compilation (up to MAX_STATIC_SHAPES per graph, then the
+    dynamic one); results equal the dynamic compilation's; static_shapes=False compiles the file once."""
+    from tm_runtime.backends.openvino import MAX_STATIC_SHAPES
+
+    options = {"cache_dir": None, "threads": 1}
+    static = TerraMindRuntime(tiny_export, backend="openvino", backend_options=options)
+    dynamic = TerraMindRuntime(tiny_export, backend="openvino", backend_options={**options, "static_shapes": False})
+    rng = np.random.default_rng(0)
+    for batch in range(1, MAX_STATIC_SHAPES + 3):
+        x = {"S2L2A": rng.standard_normal((batch, 12, 224, 224)).astype(np.float32)}
+        np.testing.assert_allclose(static.embed(x), dynamic.embed(x), rtol=1e-5, atol=1e-5)
+        static.embed(x)  # the same shape again: no new compilation
+    keys = [shapes for name, shapes in static.backend._compiled if name == "encoder"]
+    assert len(keys) == MAX_STATIC_SHAPES + 1 and keys.count(None) == 1
+    assert sorted(dict(s)["tokens"][0] for s in keys if s) == list(range(1, MAX_STATIC_SHAPES + 1))
+    assert [s for name, s in dynamic.backend._compiled] == [None, None]
+    with pytest.raises(ValueError, match="static_shapes must be True or False"):
+        TerraMindRuntime(tiny_export, backend="openvino", backend_options={"static_shapes": "yes"})
+
+
+def test_only_the_encoder_and_patch_embeddings_compile_static(all_kinds_export):
+    rt = TerraMindRuntime(all_kinds_export, backend="openvino", backend_options={"cache_dir": None, "threads": 1})
+    x = {"S2L2A": np.random.default_rng(1).standard_normal((1, 12, 224, 224)).astype(np.float32)}
+    rt.generate(x, ["LULC"], timesteps=1, temperature=0)
+    static = sorted({name for name, shapes in rt.backend._compiled if shapes is not None})
+    assert static == ["embed_S2L2A", "encoder"], rt.backend._compiled.keys()
+    assert ("decoder", None) in rt.backend._compiled
 
 
 def test_model_cache_is_filled_and_reused(tiny_export, tmp_path):
@@ -186,7 +216,7 @@ def test_cache_can_be_turned_off(tiny_export, tmp_path, monkeypatch):
     ({"device": "TPU"}, "device must be one of CPU, GPU, NPU, AUTO"),
     ({"precision": "int4"}, "precision must be one of fp32, bf16, fp16"),
     ({"threads": 0}, "threads must be a positive int"),
-    ({"precison": "bf16"}, "takes device, precision, threads, cache_dir; unknown: precison"),
+    ({"precison": "bf16"}, "takes device, precision, threads, cache_dir, static_shapes; unknown: precison"),
 ])
 def test_bad_options_list_the_choices(tiny_export, options, pattern):
     with pytest.raises(ValueError, match=pattern):
