@@ -96,6 +96,17 @@ def test_bf16_compiles_every_graph_bf16_but_the_tokenizer_encoders(all_kinds_exp
     assert all(isinstance(c["source"], str) for n, c in core.compiled.items() if n != "embed_S2L2A")
 
 
+def test_winograd_graphs_are_reported_as_slow_on_openvino(tmp_path):
+    pytest.importorskip("openvino")
+    from tm_runtime.backends.openvino import OpenVinoBackend, OpenVinoOptions
+
+    paths = {"encoder": tmp_path / "encoder.onnx", "head": tmp_path / "head.onnx"}
+    entries = {"encoder": {}, "head": {"role": "task_head", "winograd": {"tile": 4, "convolutions": 8}}}
+    with pytest.warns(UserWarning, match=r"graphs head were exported with --winograd.*export without --winograd"):
+        backend = OpenVinoBackend(paths, entries, OpenVinoOptions(), core=FakeCore(["FP32"]))
+    assert backend.describe()["winograd_graphs"] == ["head"]
+
+
 def test_a_patch_embedding_the_rewrite_does_not_recognise_runs_f32(all_kinds_export, monkeypatch):
     from tm_runtime.backends import openvino_patchify
 
