@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8-graphs", nargs="+", choices=["encoder", "decoders", "unet", "head"], default=None,
                    help="which graphs --precision int8 quantises (default: encoder decoders unet; head = a task "
                         "model's necks + decoder + head, opt-in; the rest stay fp32)")
+    p.add_argument("--int8-fc2", choices=["auto", "int8", "fp32"], default="auto",
+                   help="--precision int8: the SwiGLU MLPs' down projections (fc2, the longest-tailed inputs). "
+                        "auto (default): int8 when every gate passes with them, else quantised again with them "
+                        "fp32; int8 / fp32: that, gated as usual")
     p.add_argument("--tile-scale", nargs="+", default=[], metavar="MOD=FACTOR", type=modality_factor,
                    help="--task-config with --precision int8: multiply the calibration/gate tiles of MOD by FACTOR "
                         "to reach the units of the config's statistics (e.g. S2L2A=0.0001: TerraMesh's digital "
@@ -126,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             validate=not args.no_validate, max_rel_error=args.rtol, overwrite=args.overwrite,
             precision=args.precision, winograd=args.winograd, calibration_data=args.calibration_data,
             gate_data=args.gate_data, int8_method=args.int8_method, int8_graphs=args.int8_graphs,
+            int8_fc2=args.int8_fc2,
             tim=TimSettings(tuple(args.tim_modalities)) if args.tim_modalities else None,
         )
         export(config, log=lambda s: print(s, flush=True))

@@ -81,6 +81,7 @@ class ExportConfig:
     gate_data: Path | None = None
     int8_method: str = "dynamic"
     int8_graphs: list[str] | None = None  # None: quantize.DEFAULT_FAMILIES
+    int8_fc2: str = "auto"  # the SwiGLU down projections: auto (int8 if the gates pass) | int8 | fp32
     tile_scale: dict[str, float] = field(default_factory=dict)  # task exports: units of the tiles, per modality
 
 
@@ -617,7 +618,7 @@ def write_export(out: Path, specs: list[GraphSpec] | Iterable[list[GraphSpec]], 
             with step("int8 quantise + gates", graph="-"):
                 manifest = quantize_export(workdir, config.calibration_data, config.gate_data, config.int8_method,
                                            seed=config.seed, families=config.int8_graphs, log=log,
-                                           tile_scale=config.tile_scale)
+                                           tile_scale=config.tile_scale, fc2=config.int8_fc2)
         # What the export needed, for its users' machines (tests/test_export_memory.py checks the bound).
         written = sum(p.stat().st_size for p in workdir.iterdir() if p.is_file() and p.name != MANIFEST_NAME)
         peak = window.close()

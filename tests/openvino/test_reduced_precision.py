@@ -383,3 +383,48 @@ def test_int8_options_are_checked_before_anything_is_traced(tmp_path, capsys):
     assert main(base + [str(tmp_path / "b"), "--calibration-data", str(tmp_path / "nowhere")]) == 1
     assert "nowhere" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+@needs_tiles
+def test_int8_fc2_auto_keeps_fc2_int8_when_it_passes_and_falls_back_when_it_fails(all_kinds_export, tmp_path,
+                                                                                    monkeypatch):
+    """--int8-fc2: int8 and fp32 are what they say; auto takes int8 when every gate passes and otherwise
+    quantises everything again with fc2 fp32, recording why (forced here by a token-cosine threshold
+    between the two settings' figures). The tiny encoder's MLP is GELU, not SwiGLU (base and large), so
+    its fc2s stand in for the SwiGLU down projections ``gated_projections`` finds in those."""
+    from tm_export import quantize
+    from tm_export.quantize import quantize_export
+
+    onnx = pytest.importorskip("onnx")
+    assert quantize.gated_projections(onnx.load(str(all_kinds_export / "encoder.onnx"))) == []
+    monkeypatch.setattr(quantize, "gated_projections",
+                        lambda model: [n for n in quantize.weight_nodes(model) if n.endswith("/mlp/fc2/MatMul")])
+
+    def run(name: str, fc2: str, thresholds=None) -> dict:
+        work = tmp_path / name
+        shutil.copytree(all_kinds_export, work)
+        manifest = quantize_export(work, None, DATA_DIR, timesteps=2, families=("encoder",), fc2=fc2,
+                                   thresholds=thresholds, log=lambda s: None)
+        TerraMindRuntime(work)  # loads: every file matches its manifest sha256
+        return manifest
+
+    def mean_cosine(manifest: dict) -> float:
+        return manifest["accuracy"]["int8_vs_fp32"]["gates"]["token_cosine_mean"]["value"]
+
+    int8, fp32 = run("int8", "int8"), run("fp32", "fp32")
+    assert int8["graphs"]["encoder"]["quantization"]["int8_gated_projections"] > 0
+    assert int8["graphs"]["encoder"]["quantization"]["fp32_gated_projections"] == 0
+    assert fp32["graphs"]["encoder"]["quantization"]["int8_gated_projections"] == 0
+    assert mean_cosine(int8) < mean_cosine(fp32)  # fc2 in int8 costs accuracy
+
+    passing = run("auto", "auto")
+    assert passing["quantization"]["fc2"] == "int8" and "fc2_int8_failed" not in passing["quantization"]
+    assert mean_cosine(passing) == mean_cosine(int8)
+
+    between = {"token_cosine_mean": (mean_cosine(int8) + mean_cosine(fp32)) / 2}
+    fallback = run("auto_fallback", "auto", between)
+    assert fallback["quantization"]["fc2"] == "fp32"
+    assert list(fallback["quantization"]["fc2_int8_failed"]) == ["token_cosine_mean"]
+    assert fallback["accuracy"]["int8_vs_fp32"]["passed"] and mean_cosine(fallback) == mean_cosine(fp32)
+    assert fallback["graphs"]["encoder"]["sha256"] == fp32["graphs"]["encoder"]["sha256"]
+    assert fallback["graphs"]["encoder"]["quantization"]["fp32_sha256"] == fp32["graphs"]["encoder"]["quantization"]["fp32_sha256"]

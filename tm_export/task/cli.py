@@ -21,6 +21,7 @@ def run_task_export(args: argparse.Namespace) -> dict:
         image_size=args.image_size, opset=args.opset, precision=args.precision, simplify=not args.no_simplify,
         validate=not args.no_validate, max_rel_error=args.rtol, overwrite=args.overwrite,
         calibration_data=args.calibration_data, gate_data=args.gate_data, int8_method=args.int8_method,
-        int8_graphs=args.int8_graphs, tile_scale=dict(args.tile_scale), winograd=args.winograd,
+        int8_graphs=args.int8_graphs, int8_fc2=args.int8_fc2, tile_scale=dict(args.tile_scale),
+        winograd=args.winograd,
     )
     return export_task(config, log=lambda s: print(s, flush=True))

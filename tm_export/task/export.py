@@ -54,6 +54,7 @@ class TaskExportConfig:
     gate_data: Path | None = None
     int8_method: str = "dynamic"
     int8_graphs: list[str] | None = None
+    int8_fc2: str = "auto"
     tile_scale: dict[str, float] = field(default_factory=dict)
     winograd: int = 0  # 2 or 4: the head's 3x3 convolutions as Winograd F(m x m, 3 x 3) (ONNX Runtime CPU)
 
@@ -65,7 +66,8 @@ class TaskExportConfig:
                             max_rel_error=self.max_rel_error, overwrite=self.overwrite,
                             random_init=self.random_init, seed=self.seed, ckpt=self.ckpt, tim=spec.tim,
                             calibration_data=self.calibration_data, gate_data=self.gate_data,
-                            int8_method=self.int8_method, int8_graphs=self.int8_graphs, tile_scale=self.tile_scale)
+                            int8_method=self.int8_method, int8_graphs=self.int8_graphs, int8_fc2=self.int8_fc2,
+                            tile_scale=self.tile_scale)
 
 
 def head_output_name(spec: TaskSpec) -> str:
