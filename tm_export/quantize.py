@@ -318,11 +318,15 @@ def _link_reference(workdir: Path, manifest: dict[str, Any]) -> Path:
                                for f in [g["file"]] + [e["file"] for e in g.get("external_data", [])]]
     files += [f["file"] for f in manifest.get("files", {}).values()]
     for f in files:
-        try:
-            os.link(workdir / f, ref / f)
-        except OSError:
-            shutil.copyfile(workdir / f, ref / f)
+        _link_or_copy(workdir / f, ref / f)
     return ref
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def quantize_export(workdir: Path, calibration_data: Path | None, gate_data: Path | None = None,
@@ -338,6 +342,8 @@ def quantize_export(workdir: Path, calibration_data: Path | None, gate_data: Pat
     calibration tiles given as arrays instead of read from a folder. ``tile_scale``: per modality,
     a factor for the tiles (units; task exports). ``fc2``: the SwiGLU down projections in "int8",
     "fp32", or "auto" (int8 unless that fails a gate: then everything is quantised again with them fp32)."""
+    from tm_runtime import TerraMindRuntime
+
     from .export import ValidationFailed
 
     if fc2 not in INT8_FC2:
@@ -377,14 +383,22 @@ def quantize_export(workdir: Path, calibration_data: Path | None, gate_data: Pat
     fp32_graphs = copy.deepcopy(manifest["graphs"])
     # fc2 "auto": int8 first; when a gate fails, once more with fc2 fp32 (the files back from ref_dir).
     attempts = {"auto": [True, False], "int8": [True], "fp32": [False]}[fc2]
+    failed_gates: dict[str, float] = {}
     try:
+        # The fp32 figures, once for every attempt; one runtime at a time: the fp32 one's sessions are gone
+        # before an int8 one loads its graphs (both at once held two exports, over the export memory bound).
+        with step("int8 gates: fp32 reference", graph="-"):
+            expected = workload.reference(TerraMindRuntime(ref_dir, verify=False), gate_tiles)
+            release_memory(collect=True)
         for attempt, fc2_int8 in enumerate(attempts):
             if attempt:
                 manifest["graphs"] = copy.deepcopy(fp32_graphs)
                 for name in chosen:
-                    shutil.copyfile(ref_dir / manifest["graphs"][name]["file"], workdir / manifest["graphs"][name]["file"])
+                    target = workdir / manifest["graphs"][name]["file"]
+                    target.unlink()
+                    _link_or_copy(ref_dir / target.name, target)
             report = _quantise_and_gate(workdir, ref_dir, manifest, chosen, method, feeds, fc2_int8, workload,
-                                        gate_tiles, thresholds, log)
+                                        gate_tiles, expected, thresholds, log)
             report["data"] = gate_source
             manifest["quantization"].update(calibration=calibration, families=list(families))
             if attempt:
@@ -411,9 +425,10 @@ def quantize_export(workdir: Path, calibration_data: Path | None, gate_data: Pat
 
 def _quantise_and_gate(workdir: Path, ref_dir: Path, manifest: dict[str, Any], chosen: list[str], method: str,
                        feeds: dict[str, list], fc2_int8: bool, workload: Any, gate_tiles: dict[str, np.ndarray],
-                       thresholds: dict[str, float] | None, log: Callable[[str], None]) -> dict[str, Any]:
+                       expected: Any, thresholds: dict[str, float] | None,
+                       log: Callable[[str], None]) -> dict[str, Any]:
     """Quantise the ``chosen`` graphs of ``workdir`` in place (the fp32 files stay in ``ref_dir``),
-    record them in ``manifest`` and return the gate report against the fp32 graphs."""
+    record them in ``manifest`` and return the gate report against the fp32 figures ``expected``."""
     from tm_runtime import TerraMindRuntime
 
     for name, entry in manifest["graphs"].items():
@@ -440,11 +455,6 @@ def _quantise_and_gate(workdir: Path, ref_dir: Path, manifest: dict[str, Any], c
     }
     (workdir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     log(f"accuracy gates on {len(next(iter(gate_tiles.values())))} tile(s) ({'fc2 int8' if fc2_int8 else 'fc2 fp32'})")
-    # One runtime at a time: the fp32 one's sessions are gone before the int8 one loads its
-    # graphs (both at once held the graphs of two exports, over the export memory bound).
-    with step("int8 gates: fp32 reference", graph="-"):
-        expected = workload.reference(TerraMindRuntime(ref_dir, verify=False), gate_tiles)
-        release_memory(collect=True)
     with step("int8 gates: int8", graph="-"):
         report = workload.compare(TerraMindRuntime(workdir, verify=False), expected, thresholds)
     report["reference"] = "the same export's fp32 graphs (validated against PyTorch), ONNX Runtime CPU"
