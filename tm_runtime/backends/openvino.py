@@ -338,7 +338,9 @@ class OpenVinoBackend:
         shapes = self._shapes_for(name, feeds)
         model = self.compiled(name, shapes)
         request = self._request(name, shapes)
-        request.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()})
+        # share_inputs: OpenVINO reads the (contiguous) arrays in place instead of copying them in;
+        # share_outputs: infer() returns views, not copies nobody reads (the copies are made below).
+        request.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()}, share_inputs=True, share_outputs=True)
         index = self._outputs[name]
         wanted = outputs if outputs is not None else [next(iter(p.get_names())) for p in model.outputs]
         missing = [o for o in wanted if o not in index]
