@@ -194,6 +194,8 @@ def run_embed_benchmark(config: EmbedBenchConfig, log: Log = print) -> dict[str,
         ort_samples[batch] = _ort_phase(rt, _inputs(rt, names, batch, config.seed), config.warmup, config.iters)
     if hasattr(rt.backend, "describe"):
         result["settings"]["openvino"] = rt.backend.describe()
+    # Again after the warm-ups: OpenVINO compiles its static-shape graphs at their first call.
+    result["session_creation_s"] = {g: created[g] for g in graphs if g in created}
     if config.backend not in ("ort-cpu", "openvino"):
         recorder = RecordingBackend(rt.backend)
         backend, rt.backend = rt.backend, recorder

@@ -280,6 +280,22 @@ def test_openvino_is_optional(tiny_export, monkeypatch):
     TerraMindRuntime(tiny_export).embed(random_inputs(1, 0, ["S1GRD"]))  # the default backend does not need it
 
 
+def test_openvino_session_compiles_only_what_calls_will_use(tiny_export):
+    rt = TerraMindRuntime(tiny_export, backend="openvino", backend_options={"cache_dir": None})
+    backend = rt.backend
+    assert backend.session("encoder") is None and backend.session("embed_S2L2A") is None  # static at first call
+    assert not backend._compiled
+    with pytest.raises(KeyError, match="not in this export"):
+        backend.session("nope")
+    rt.embed(random_inputs(1, 0, ["S2L2A"]))
+    assert {name for name, shapes in backend._compiled} == {"embed_S2L2A", "encoder"}
+    assert all(shapes is not None for _, shapes in backend._compiled)
+    assert set(backend.session_seconds) == {"embed_S2L2A", "encoder"}
+    dynamic = TerraMindRuntime(tiny_export, backend="openvino",
+                               backend_options={"cache_dir": None, "static_shapes": False}).backend
+    assert dynamic.session("encoder") is not None and list(dynamic._compiled) == [("encoder", None)]
+
+
 def test_tm_bench_embed_on_openvino(tiny_export, tmp_path, capsys):
     from tm_bench.cli import main
 
@@ -290,6 +306,8 @@ def test_tm_bench_embed_on_openvino(tiny_export, tmp_path, capsys):
     assert result["settings"]["engine"] == "openvino-fp32" and result["settings"]["openvino"]["device"] == "CPU"
     assert {r["engine"] for r in result["runs"][0]["rows"]} == {"openvino-fp32"}
     assert "openvino-fp32 embed" in capsys.readouterr().out
+    # the static-shape graphs were compiled at their first call, and only then: no unused dynamic model
+    assert set(result["session_creation_s"]) == {"embed_S2L2A", "embed_S1GRD", "embed_DEM", "encoder"}
     # --precision is OpenVINO's; on ONNX Runtime the export's precision applies
     assert main(["embed", str(tiny_export), "--precision", "bf16", "--iters", "1"]) == 1
     assert "needs --backend openvino" in capsys.readouterr().err
