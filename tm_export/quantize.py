@@ -397,8 +397,16 @@ def quantize_export(workdir: Path, calibration_data: Path | None, gate_data: Pat
                     target = workdir / manifest["graphs"][name]["file"]
                     target.unlink()
                     _link_or_copy(ref_dir / target.name, target)
-            report = _quantise_and_gate(workdir, ref_dir, manifest, chosen, method, feeds, fc2_int8, workload,
-                                        gate_tiles, expected, thresholds, log)
+            try:
+                report = _quantise_and_gate(workdir, ref_dir, manifest, chosen, method, feeds, fc2_int8, workload,
+                                            gate_tiles, expected, thresholds, log)
+            except Exception as exc:  # noqa: BLE001 - auto: any failure of the fc2-int8 attempt means fc2 fp32
+                if not (fc2_int8 and attempt + 1 < len(attempts)):
+                    raise
+                failed_gates = {"error": f"{type(exc).__name__}: {exc}"}
+                log(f"fc2 (the SwiGLU down projections) in int8 failed ({failed_gates['error']}): "
+                    "quantising again with fc2 in fp32")
+                continue
             report["data"] = gate_source
             manifest["quantization"].update(calibration=calibration, families=list(families))
             if attempt:

@@ -446,6 +446,22 @@ def test_int8_fc2_auto_keeps_fc2_int8_when_it_passes_and_falls_back_when_it_fail
     assert fallback["graphs"]["encoder"]["sha256"] == fp32["graphs"]["encoder"]["sha256"]
     assert fallback["graphs"]["encoder"]["quantization"]["fp32_sha256"] == fp32["graphs"]["encoder"]["quantization"]["fp32_sha256"]
 
+    # an error (not a failed gate) in the fc2-int8 attempt: auto falls back too, and says why
+    real_quantize_graph = quantize.quantize_graph
+
+    def fc2_int8_breaks(src, dst, method, feeds, fc2_int8=False):
+        if fc2_int8:
+            raise RuntimeError("unsupported int8 kernel")
+        return real_quantize_graph(src, dst, method, feeds, fc2_int8)
+
+    monkeypatch.setattr(quantize, "quantize_graph", fc2_int8_breaks)
+    errored = run("auto_error", "auto")
+    assert errored["quantization"]["fc2"] == "fp32" and errored["accuracy"]["int8_vs_fp32"]["passed"]
+    assert errored["quantization"]["fc2_int8_failed"] == {"error": "RuntimeError: unsupported int8 kernel"}
+    assert errored["graphs"]["encoder"]["sha256"] == fp32["graphs"]["encoder"]["sha256"]
+    with pytest.raises(RuntimeError, match="unsupported int8 kernel"):  # int8 asked for explicitly: no fallback
+        run("int8_error", "int8")
+
 
 @pytest.fixture(scope="module")
 def static_int8_export(tiny_export, tmp_path_factory):
