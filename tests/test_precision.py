@@ -64,7 +64,7 @@ def sin_phase_outputs(path, t: int) -> np.ndarray:
     sin = next(n for n in model.graph.node if n.op_type == "Sin")
     model.graph.output.append(onnx.helper.make_tensor_value_info(sin.output[0], onnx.TensorProto.FLOAT, None))
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    feeds = {i.name: np.zeros([1 if isinstance(d, str) else d for d in i.shape], np.float32)
+    feeds = {i.name: np.zeros([d if isinstance(d, int) else 1 for d in i.shape], np.float32)
              for i in session.get_inputs() if i.type == "tensor(float)"}
     feeds["t"] = np.array([t], np.int64)
     return session.run([sin.output[0]], feeds)[0]
@@ -114,6 +114,17 @@ def test_fp16_round_trip_casts_are_dropped():
         None, {"t": t, "ids": np.array([0, 3], np.int64)})
     want = np.sin(t[:, None].astype(np.float64) * freq) @ w
     assert float(np.abs(emb - want).max()) < 2e-2 * float(np.abs(want).max())  # the MatMul is fp16
+
+    # unnamed nodes (the converter's block list goes by name) are named first, not all blocked as ""
+    unnamed = onnx.ModelProto.FromString(model.SerializeToString())
+    for node in unnamed.graph.node:
+        node.name = ""
+    kept = sinusoidal_embedding_nodes(unnamed)
+    assert len(kept) == 4 and "" not in kept
+    assert {n.op_type for n in unnamed.graph.node if n.name in kept} == {"Cast", "Unsqueeze", "Mul", "Sin"}
+    emb2, _ = ort.InferenceSession(to_fp16(unnamed).SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"t": t, "ids": np.array([0, 3], np.int64)})
+    np.testing.assert_allclose(emb2, emb, rtol=1e-3, atol=1e-3)
 
 
 def test_fp16_runtime_close_to_fp32(pair):

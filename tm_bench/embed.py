@@ -195,6 +195,10 @@ def run_embed_benchmark(config: EmbedBenchConfig, log: Log = print) -> dict[str,
     if hasattr(rt.backend, "describe"):
         result["settings"]["openvino"] = rt.backend.describe()
     # Again after the warm-ups: OpenVINO compiles its static-shape graphs at their first call.
+    late = {g: created[g] for g in graphs if g in created and g not in result["session_creation_s"]}
+    if late:
+        log("compiled at their first call (static shapes): "
+            + ", ".join(f"{g} {t:.2f}s" for g, t in late.items()))
     result["session_creation_s"] = {g: created[g] for g in graphs if g in created}
     if config.backend not in ("ort-cpu", "openvino"):
         recorder = RecordingBackend(rt.backend)

@@ -84,6 +84,8 @@ class TimingBackend:
     def __getattr__(self, attr: str) -> Any:
         # Anything else (stream, describe, ...) is the real backend's. ``run_device`` is looked up
         # here too, so that the runtime sees it exactly when the real backend has it.
+        if attr == "inner" or attr.startswith("__"):  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(attr)
         if attr == "run_device" and hasattr(self.inner, "run_device"):
             return self._timed_run_device
         return getattr(self.inner, attr)

@@ -49,7 +49,7 @@ def drop_duplicate_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
     kept = []
     for node in model.graph.node:
         key = node.SerializeToString(deterministic=True)
-        if key not in seen:  # the first keeps its place: the graph stays topologically sorted
+        if key not in seen:  # the first keeps its place: the order of the rest is unchanged
             seen.add(key)
             kept.append(node)
     if len(kept) < len(model.graph.node):
@@ -64,8 +64,10 @@ def drop_fp16_round_trips(model: onnx.ModelProto) -> onnx.ModelProto:
 
     onnxruntime's converter casts every output of a kept-fp32 node to fp16 and back when the next
     node is kept fp32 as well, so a chain of fp32 nodes is still rounded to fp16 between its links
-    (the timestep phases t * freq, up to ~1000, lose 0.25 rad that way). The second Cast becomes an
-    Identity of the fp32 value; a first Cast left without consumers is deleted.
+    (the timestep phases t * freq, up to ~1000, lose 0.25 rad that way). Every such pair goes, not only
+    the timestep's: e.g. a Pow -> ReduceMean chain of a norm is no longer rounded in between either
+    (only more precise). The second Cast becomes an Identity of the fp32 value; a first Cast left
+    without consumers is deleted (TerraMind graphs have no If/Loop subgraphs that could read it).
     """
     float_values = {v.name for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]
                     if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
@@ -101,6 +103,9 @@ def sinusoidal_embedding_nodes(model: onnx.ModelProto) -> set[str]:
     """
     int_types = {onnx.TensorProto.INT64, onnx.TensorProto.INT32}
     starts = {i.name for i in model.graph.input if i.type.tensor_type.elem_type in int_types}
+    for index, node in enumerate(model.graph.node):  # the converter's block list goes by node name
+        if not node.name:
+            node.name = f"tm_unnamed_{node.op_type}_{index}"
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
         for name in node.input:
@@ -126,6 +131,9 @@ def sinusoidal_embedding_nodes(model: onnx.ModelProto) -> set[str]:
         if name not in keep:
             keep.add(name)
             stack += list(parents.get(name, ()))
+    # Only a cheap elementwise path is worth fp32: one through weights is something else; leave it fp16.
+    if any(reached[name].op_type in ("MatMul", "Gemm", "Conv", "ConvTranspose") for name in keep):
+        return set()
     return keep
 
 

@@ -383,7 +383,8 @@ def quantize_export(workdir: Path, calibration_data: Path | None, gate_data: Pat
     fp32_graphs = copy.deepcopy(manifest["graphs"])
     # fc2 "auto": int8 first; when a gate fails, once more with fc2 fp32 (the files back from ref_dir).
     attempts = {"auto": [True, False], "int8": [True], "fp32": [False]}[fc2]
-    failed_gates: dict[str, float] = {}
+    failed_gates: dict[str, Any] = {}
+    fc2_error: Exception | None = None
     try:
         # The fp32 figures, once for every attempt; one runtime at a time: the fp32 one's sessions are gone
         # before an int8 one loads its graphs (both at once held two exports, over the export memory bound).
@@ -400,12 +401,18 @@ def quantize_export(workdir: Path, calibration_data: Path | None, gate_data: Pat
             try:
                 report = _quantise_and_gate(workdir, ref_dir, manifest, chosen, method, feeds, fc2_int8, workload,
                                             gate_tiles, expected, thresholds, log)
-            except Exception as exc:  # noqa: BLE001 - auto: any failure of the fc2-int8 attempt means fc2 fp32
+            except MemoryError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - auto: a failure of the fc2-int8 attempt means fc2 fp32
+                if fc2_error is not None:
+                    raise exc from fc2_error  # it failed without fc2 int8 too: not fc2's fault; both shown
                 if not (fc2_int8 and attempt + 1 < len(attempts)):
                     raise
+                fc2_error = exc
                 failed_gates = {"error": f"{type(exc).__name__}: {exc}"}
                 log(f"fc2 (the SwiGLU down projections) in int8 failed ({failed_gates['error']}): "
                     "quantising again with fc2 in fp32")
+                release_memory(collect=True)  # whatever the failed attempt's runtime held
                 continue
             report["data"] = gate_source
             manifest["quantization"].update(calibration=calibration, families=list(families))
@@ -445,8 +452,12 @@ def _quantise_and_gate(workdir: Path, ref_dir: Path, manifest: dict[str, Any], c
             continue
         path = workdir / entry["file"]
         tmp = path.with_suffix(".int8.onnx")
-        with step("int8 quantise", graph=name):
-            info = quantize_graph(path, tmp, method, feeds.get(name), fc2_int8)
+        try:
+            with step("int8 quantise", graph=name):
+                info = quantize_graph(path, tmp, method, feeds.get(name), fc2_int8)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # never shipped in the export, whatever happens next
+            raise
         os.replace(tmp, path)  # the fp32 file lives on under REFERENCE_DIR (hard link)
         before = (ref_dir / entry["file"]).stat().st_size
         entry.update(precision="int8", sha256=sha256_file(path),
