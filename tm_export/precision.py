@@ -99,7 +99,8 @@ def sinusoidal_embedding_nodes(model: onnx.ModelProto) -> set[str]:
     rounded to 0.5 near 1000, so the phases, and with them the whole denoising step, drift with t
     (max error 1e-3 of the output at t=1, 1.3e-2 at t=999). Kept in fp32, the error stays flat.
     Nodes merely downstream of the input (e.g. a token-id Gather) are not affected: only those on
-    a path that ends in a Sin or Cos.
+    a path that ends in a Sin or Cos. Unnamed nodes of ``model`` are given names in place (the
+    converter's block list goes by name).
     """
     int_types = {onnx.TensorProto.INT64, onnx.TensorProto.INT32}
     starts = {i.name for i in model.graph.input if i.type.tensor_type.elem_type in int_types}
