@@ -85,3 +85,13 @@ def test_tokenized_inputs_in_generate(setup):
 def test_bad_lulc(setup, value, error, pattern):
     with pytest.raises(error, match=pattern):
         setup[0].embed({"LULC": value})
+
+
+def test_tokenised_inputs_take_embeds_general_path_not_the_chain(setup):
+    """embed's image-only chain (one fused model on OpenVINO) is not used once a tokenised input is in."""
+    from tm_runtime.embed_chain import embed_chain
+
+    rt, _, _ = setup
+    assert embed_chain(rt.manifest, ["S2L2A"], ["layer_11"]) is not None
+    assert embed_chain(rt.manifest, ["S2L2A", "LULC"], ["layer_11"]) is None
+    assert embed_chain(rt.manifest, ["NDVI"], ["layer_11"]) is None

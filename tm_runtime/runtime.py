@@ -17,6 +17,7 @@ from .manifest import CoordsEntry, Manifest, load_manifest
 from .generation import (as_output_list, check_noise, check_timesteps, check_tokens, codes_for, destandardize,
                          diffusion_decode, diffusion_decode_device)
 from .iterative import check_decoding, iterative_decode
+from .embed_chain import embed_chain, run_embed_chain
 from .merge import check_merge_method, merge_tokens
 from .modalities import COORDS, is_coords
 from .sampling import check_sampling_args, sample_tokens
@@ -587,13 +588,20 @@ class TerraMindRuntime:
         options = TimOptions.resolve(self.tim, tim_temperature, tim_top_p, tim_top_k, tim_decoding_steps, seed)
         indices, single = self._layer_indices(layers)
         arrays, coords, order = self._prepare_inputs(inputs, standardize, check_finite)
-        parts = self._input_parts(arrays, coords, order)
-        thought = tim_parts(self, self.tim, arrays, coords, order, parts, options) if self.tim else []
-        tokens = np.concatenate([t for _, t, _ in parts + thought], axis=1)
-        layout = [(name, t.shape[1], name != COORDS.name) for name, t, _ in parts + thought]
+        outputs = [self._encoder["outputs"][i] for i in indices]
+        chain = embed_chain(self.manifest, order, outputs) if not self.tim and coords is None else None
+        thought = []
+        if chain is not None:  # images only: the graphs as one chain (one model on OpenVINO)
+            encoded = run_embed_chain(self.backend, chain, arrays)
+            layout = [(name, n, True) for (name, _), n in zip(chain.embeddings, chain.token_counts)]
+        else:
+            parts = self._input_parts(arrays, coords, order)
+            thought = tim_parts(self, self.tim, arrays, coords, order, parts, options) if self.tim else []
+            encoded = self.encode(np.concatenate([t for _, t, _ in parts + thought], axis=1), indices)
+            layout = [(name, t.shape[1], name != COORDS.name) for name, t, _ in parts + thought]
         images = set(self.manifest.modalities) | set(self.tim.modalities if self.tim else ())
         missing = len(images) - len(arrays) - len(thought)
-        merged = [merge_tokens(out, layout, merge_method, missing) for out in self.encode(tokens, indices)]
+        merged = [merge_tokens(out, layout, merge_method, missing) for out in encoded]
         if merge_method == "dict" and thought:
             merged = [{k: v for k, v in m.items() if k in order} for m in merged]
         return merged[0] if single else merged

@@ -144,17 +144,20 @@ def test_compiles_once_across_threads(all_kinds_export, ov_cache):
         t.start()
     for t in threads:
         t.join()
-    assert len(compiled) == len(set(compiled)) and "encoder" in [name for name, _ in compiled]
+    # embed compiles its patch embeddings + encoder as one model (fuse_embed), once
+    assert len(compiled) == len(set(compiled)) and [n for n, _ in compiled if n.startswith("chain[")]
     for r in results[1:]:
         np.testing.assert_array_equal(r, results[0])
 
 
-def test_static_shapes_compile_per_input_shape(tiny_export):
+@pytest.mark.parametrize("fuse", [False, True], ids=["graph_by_graph", "fused_chain"])
+def test_static_shapes_compile_per_input_shape(tiny_export, fuse):
     """Each new input shape gets its own static compilation (up to MAX_STATIC_SHAPES per graph, then the
-    dynamic one); results equal the dynamic compilation's; static_shapes=False compiles the file once."""
+    dynamic one); results equal the dynamic compilation's; static_shapes=False compiles the file once.
+    The same holds for embed's fused chain (patch embeddings + encoder as one model)."""
     from tm_runtime.backends.openvino import MAX_STATIC_SHAPES
 
-    options = {"cache_dir": None, "threads": 1}
+    options = {"cache_dir": None, "threads": 1, "fuse_embed": fuse}
     static = TerraMindRuntime(tiny_export, backend="openvino", backend_options=options)
     dynamic = TerraMindRuntime(tiny_export, backend="openvino", backend_options={**options, "static_shapes": False})
     rng = np.random.default_rng(0)
@@ -162,10 +165,11 @@ def test_static_shapes_compile_per_input_shape(tiny_export):
         x = {"S2L2A": rng.standard_normal((batch, 12, 224, 224)).astype(np.float32)}
         np.testing.assert_allclose(static.embed(x), dynamic.embed(x), rtol=1e-5, atol=1e-5)
         static.embed(x)  # the same shape again: no new compilation
-    keys = [shapes for name, shapes in static.backend._compiled if name == "encoder"]
+    graph, feed = ("chain[embed_S2L2A>encoder:layer_11]", "S2L2A") if fuse else ("encoder", "tokens")
+    keys = [shapes for name, shapes in static.backend._compiled if name == graph]
     assert len(keys) == MAX_STATIC_SHAPES + 1 and keys.count(None) == 1
-    assert sorted(dict(s)["tokens"][0] for s in keys if s) == list(range(1, MAX_STATIC_SHAPES + 1))
-    assert [s for name, s in dynamic.backend._compiled] == [None, None]
+    assert sorted(dict(s)[feed][0] for s in keys if s) == list(range(1, MAX_STATIC_SHAPES + 1))
+    assert [s for name, s in dynamic.backend._compiled] == ([None] if fuse else [None, None])
     with pytest.raises(ValueError, match="static_shapes must be True or False"):
         TerraMindRuntime(tiny_export, backend="openvino", backend_options={"static_shapes": "yes"})
 
@@ -216,7 +220,7 @@ def test_cache_can_be_turned_off(tiny_export, tmp_path, monkeypatch):
     ({"device": "TPU"}, "device must be one of CPU, GPU, NPU, AUTO"),
     ({"precision": "int4"}, "precision must be one of fp32, bf16, fp16"),
     ({"threads": 0}, "threads must be a positive int"),
-    ({"precison": "bf16"}, "takes device, precision, threads, cache_dir, static_shapes; unknown: precison"),
+    ({"precison": "bf16"}, "takes device, precision, threads, cache_dir, static_shapes, fuse_embed; unknown: precison"),
 ])
 def test_bad_options_list_the_choices(tiny_export, options, pattern):
     with pytest.raises(ValueError, match=pattern):
@@ -287,10 +291,10 @@ def test_openvino_session_compiles_only_what_calls_will_use(tiny_export):
     assert not backend._compiled
     with pytest.raises(KeyError, match="not in this export"):
         backend.session("nope")
-    rt.embed(random_inputs(1, 0, ["S2L2A"]))
-    assert {name for name, shapes in backend._compiled} == {"embed_S2L2A", "encoder"}
+    rt.embed(random_inputs(1, 0, ["S2L2A"]))  # one model: the patch embedding + encoder chain
+    assert {name for name, shapes in backend._compiled} == {"chain[embed_S2L2A>encoder:layer_11]"}
     assert all(shapes is not None for _, shapes in backend._compiled)
-    assert set(backend.session_seconds) == {"embed_S2L2A", "encoder"}
+    assert set(backend.session_seconds) == {"chain[embed_S2L2A>encoder:layer_11]"}
     dynamic = TerraMindRuntime(tiny_export, backend="openvino",
                                backend_options={"cache_dir": None, "static_shapes": False}).backend
     assert dynamic.session("encoder") is not None and list(dynamic._compiled) == [("encoder", None)]
@@ -307,7 +311,10 @@ def test_tm_bench_embed_on_openvino(tiny_export, tmp_path, capsys):
     assert {r["engine"] for r in result["runs"][0]["rows"]} == {"openvino-fp32"}
     assert "openvino-fp32 embed" in capsys.readouterr().out
     # the static-shape graphs were compiled at their first call, and only then: no unused dynamic model
-    assert set(result["session_creation_s"]) == {"embed_S2L2A", "embed_S1GRD", "embed_DEM", "encoder"}
+    # (per-graph rows run each graph; embed runs them as one fused chain, compiled at its first call too)
+    chains = result["settings"]["openvino"]["fused_chains"]
+    assert len(chains) == 1 and chains[0].startswith("chain[")
+    assert set(result["session_creation_s"]) == {"embed_S2L2A", "embed_S1GRD", "embed_DEM", "encoder", *chains}
     # --precision is OpenVINO's; on ONNX Runtime the export's precision applies
     assert main(["embed", str(tiny_export), "--precision", "bf16", "--iters", "1"]) == 1
     assert "needs --backend openvino" in capsys.readouterr().err

@@ -33,9 +33,11 @@ from typing import Any
 
 import numpy as np
 
+from ..embed_chain import EmbedChain, run_graphs
+
 DEVICES = ("CPU", "GPU", "NPU", "AUTO")
 PRECISIONS = ("fp32", "bf16", "fp16")
-OPTIONS = ("device", "precision", "threads", "cache_dir", "static_shapes")
+OPTIONS = ("device", "precision", "threads", "cache_dir", "static_shapes", "fuse_embed")
 # Static compilations kept per graph; a graph called with more input shapes than this runs the rest on
 # its dynamic compilation (each static one holds its own copy of the weights).
 MAX_STATIC_SHAPES = 4
@@ -76,6 +78,9 @@ class OpenVinoOptions:
       AMX Xeon, see BENCHMARKS.md); the first call with a new shape compiles (up to ``MAX_STATIC_SHAPES``
       per graph). The other graphs stay dynamic: OpenVINO 2026.4.1 computes the decoder compiled for a
       single query (coords decoding) wrongly in bf16. False: one dynamic compilation per graph.
+    fuse_embed: ``embed`` runs its patch embeddings and the encoder as one compiled model (default
+      True; see ``openvino_fuse``): faster at small sizes, at the cost of a second compiled copy of the
+      encoder's weights when other calls (generate, logits) compile the encoder on its own too.
     """
 
     device: str = "CPU"
@@ -83,6 +88,7 @@ class OpenVinoOptions:
     threads: int | None = None
     cache_dir: Path | None = None
     static_shapes: bool = True
+    fuse_embed: bool = True
 
     @classmethod
     def parse(cls, options: Mapping[str, Any], threads: int | None = None) -> "OpenVinoOptions":
@@ -104,10 +110,12 @@ class OpenVinoOptions:
             cache = Path(raw) if raw else None
         else:
             cache = default_cache_dir()
-        static = options.get("static_shapes", True)
-        if not isinstance(static, bool):
-            raise ValueError(f"openvino static_shapes must be True or False, got {static!r}")
-        return cls(device, precision, threads, cache, static)
+        flags = {}
+        for flag in ("static_shapes", "fuse_embed"):
+            flags[flag] = options.get(flag, True)
+            if not isinstance(flags[flag], bool):
+                raise ValueError(f"openvino {flag} must be True or False, got {flags[flag]!r}")
+        return cls(device, precision, threads, cache, **flags)
 
 
 def _import_openvino():
@@ -218,11 +226,15 @@ class OpenVinoBackend:
         # (graph, input shapes or None for the dynamic compilation) -> compiled model
         self._compiled: dict[tuple[str, Shapes | None], Any] = {}
         self._outputs: dict[str, dict[str, int]] = {}
+        self._chains: dict[str, EmbedChain] = {}  # embed chains compiled as one model, by key
+        self.unfused: dict[str, str] = {}  # chain key -> why it runs graph by graph
         self._lock = threading.Lock()
         self._local = threading.local()
         self.session_seconds: dict[str, float] = {}  # compile (or cache load) time per graph
 
     def precision_of(self, name: str) -> str:
+        if name in self._chains:  # a fused chain computes in its encoder's precision (all members share it)
+            return self.precision_of(self._chains[name].encoder)
         return "fp32" if name in self.fp32_graphs else self.options.precision
 
     def compile_config(self, name: str) -> dict[str, Any]:
@@ -244,7 +256,7 @@ class OpenVinoBackend:
         with self._lock:
             model = self._compiled.get(key)
             if model is None:
-                if name not in self._paths:
+                if name not in self._paths and name not in self._chains:
                     raise KeyError(f"graph {name!r} is not in this export ({', '.join(self._paths)})")
                 start = time.perf_counter()
                 model = self._compile(name, shapes)
@@ -283,6 +295,8 @@ class OpenVinoBackend:
         return self.compiled(name)
 
     def _compile(self, name: str, shapes: Shapes | None = None) -> Any:
+        if name in self._chains:
+            return self._compile_chain(self._chains[name], shapes)
         path, device = self._paths[name], self.options.device
         source: Any = str(path)
         try:
@@ -299,6 +313,82 @@ class OpenVinoBackend:
             raise self._compile_error(name, path, exc) from exc
         self._check_precision(name, model)
         return model
+
+    def _compile_chain(self, chain: EmbedChain, shapes: Shapes | None) -> Any:
+        """The chain's graphs read, joined (``openvino_fuse``) and compiled as one model."""
+        from .openvino_fuse import fuse_embed_chain
+        from .openvino_patchify import rewrite_patchify_convolutions
+
+        bf16 = self.precision_of(chain.key) == "bf16"
+
+        def prepare(modality: str, model: Any) -> None:
+            if shapes:
+                model.reshape({"image": list(dict(shapes)[modality])})
+            if bf16 and not rewrite_patchify_convolutions(model):  # see the module docstring
+                raise OpenVinoError(f"no patchifying convolution to rewrite for bf16 in {modality}'s embedding")
+
+        try:
+            embeddings = [(m, self.core.read_model(str(self._paths[g]))) for m, g in chain.embeddings]
+            fused = fuse_embed_chain(embeddings, self.core.read_model(str(self._paths[chain.encoder])),
+                                     chain.outputs, prepare)
+            fused.set_friendly_name(chain.key)
+            model = self.core.compile_model(fused, self.options.device, self.compile_config(chain.key))
+        except (RuntimeError, KeyError, ValueError) as exc:
+            if isinstance(exc, OpenVinoError):
+                raise
+            raise OpenVinoError(f"embed chain {chain.key} cannot be compiled as one model: {exc}") from exc
+        self._check_precision(chain.key, model)
+        return model
+
+    def _admit(self, chain: EmbedChain) -> bool:
+        """Whether ``chain`` is to run as one model (registered on first sight; see ``unfused``)."""
+        key = chain.key
+        if key in self.unfused:
+            return False
+        if key not in self._chains:
+            reason = self._unfusable(chain)
+            if reason:
+                self.unfused[key] = reason
+                return False
+            self._chains[key] = chain
+            self._static_graphs.add(key)
+        return True
+
+    def fused_chain(self, chain: EmbedChain, shapes: Shapes | None = None) -> Any:
+        """``chain`` compiled as one model for ``shapes`` (sorted (modality, shape) pairs, or None for
+        any batch); None where it runs graph by graph, with the reason in ``unfused``. A chain that
+        fails to compile is reported once (a warning) and then runs graph by graph: slower, not wrong."""
+        if not self._admit(chain):
+            return None
+        try:
+            return self.compiled(chain.key, shapes)
+        except OpenVinoError as exc:
+            self.unfused[chain.key] = str(exc)
+            warnings.warn(f"{exc}; running its graphs one by one", stacklevel=4)
+            return None
+
+    def run_embed_chain(self, chain: EmbedChain, images: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """``embed``'s patch embeddings + encoder as one compiled model (``fuse_embed``), else graph by graph."""
+        feeds = {m: np.ascontiguousarray(images[m]) for m, _ in chain.embeddings}
+        shapes = self._shapes_for(chain.key, feeds) if self._admit(chain) else None
+        if self.fused_chain(chain, shapes) is None:
+            return run_graphs(self, chain, images)
+        request = self._request(chain.key, shapes)
+        request.infer(feeds, share_inputs=True, share_outputs=True)
+        index = self._outputs[chain.key]
+        return [np.array(request.get_output_tensor(index[o]).data) for o in chain.outputs]
+
+    def _unfusable(self, chain: EmbedChain) -> str:
+        """Why ``chain`` must run graph by graph ('' when it can be one model)."""
+        if not self.options.fuse_embed:
+            return "fuse_embed=False"
+        missing = [g for g in chain.graphs if g not in self._paths]
+        if missing:
+            return f"graphs not in this export: {', '.join(missing)}"
+        precisions = {g: self.precision_of(g) for g in chain.graphs}
+        if len(set(precisions.values())) > 1:  # one model has one precision
+            return "mixed precisions: " + ", ".join(f"{g} {p}" for g, p in precisions.items())
+        return ""
 
     def _bf16_patch_embedding(self, name: str, model: Any) -> None:
         """Rewrites the graph's patchifying convolution as a MatMul (see the module docstring); a graph
@@ -379,6 +469,8 @@ class OpenVinoBackend:
                 "cache_dir": str(self.options.cache_dir) if self.options.cache_dir else None,
                 "static_shapes": self.options.static_shapes, "winograd_graphs": self.winograd_graphs,
                 "int8_graphs": dict(self.int8_graphs),
+                "fuse_embed": self.options.fuse_embed, "fused_chains": sorted(set(self._chains) - set(self.unfused)),
+                "unfused_chains": dict(self.unfused),
                 "openvino": _openvino_version()}
 
 

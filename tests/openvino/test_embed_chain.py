@@ -1,0 +1,116 @@
+"""embed's chain (patch embeddings -> concatenation -> encoder) compiled by OpenVINO as one model,
+against ONNX Runtime and against the same graphs run one by one; when it is not fused, and why.
+(Tokenised inputs and coords take embed's general path: tests/test_tokenized_inputs.py, tests/test_coords.py.)"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+ov = pytest.importorskip("openvino", reason="the OpenVINO backend needs pip install 'tm-deploy[openvino]'")
+
+from tm_runtime import TerraMindRuntime  # noqa: E402
+from tm_runtime.backends.openvino import OpenVinoError  # noqa: E402
+from tm_runtime.embed_chain import EmbedChain, embed_chain  # noqa: E402
+
+from ..conftest import random_inputs  # noqa: E402
+from .test_reduced_precision import FakeCore, _backend, _real_bf16  # noqa: E402
+
+
+def _ov(export, **options):
+    return TerraMindRuntime(export, backend="openvino", backend_options={"cache_dir": None, "threads": 2, **options})
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_export):
+    return {"ort": TerraMindRuntime(tiny_export, threads=2), "fused": _ov(tiny_export),
+            "separate": _ov(tiny_export, fuse_embed=False)}
+
+
+def _close(got, ref, rtol):
+    if isinstance(ref, dict):
+        assert list(got) == list(ref)
+        for k in ref:
+            _close(got[k], ref[k], rtol)
+    elif isinstance(ref, list):
+        assert len(got) == len(ref)
+        for g, r in zip(got, ref):
+            _close(g, r, rtol)
+    else:
+        assert got.shape == ref.shape
+        scale = max(float(np.abs(ref).max()), 1e-30)
+        assert float(np.abs(got.astype(np.float64) - ref).max()) / scale <= rtol
+
+
+CALLS = [{}, {"merge_method": "concat"}, {"merge_method": "dict"}, {"merge_method": None, "layers": [0, 5]},
+         {"merge_method": "max", "layers": "all"}]
+
+
+def test_fused_embed_equals_onnxruntime_and_graph_by_graph(engines):
+    """Every merge method and layer choice, three modalities in two orders (the tokens are concatenated in
+    input order: a fused Concat in the wrong order would show here), one modality alone, batch 2."""
+    x = random_inputs(2, 3)
+    inputs = [x, dict(reversed(list(x.items()))), {"S1GRD": x["S1GRD"]}]
+    for feed in inputs:
+        for kwargs in CALLS:
+            ref = engines["ort"].embed(feed, **kwargs)
+            _close(engines["fused"].embed(feed, **kwargs), ref, 1e-4)
+            _close(engines["separate"].embed(feed, **kwargs), engines["fused"].embed(feed, **kwargs), 1e-5)
+    fused = engines["fused"].backend.describe()
+    # one chain per input order and encoder outputs (last layer; layers 0 and 5; all layers)
+    assert fused["unfused_chains"] == {} and len(fused["fused_chains"]) == len(inputs) * 3
+    assert "chain[embed_DEM+embed_S1GRD+embed_S2L2A>encoder:layer_11]" in fused["fused_chains"]
+    separate = engines["separate"].backend.describe()
+    assert separate["fused_chains"] == [] and set(separate["unfused_chains"].values()) == {"fuse_embed=False"}
+
+
+def test_the_chain_of_an_embed_call(tiny_export):
+    rt = TerraMindRuntime(tiny_export)
+    chain = embed_chain(rt.manifest, ["S1GRD", "S2L2A"], ["layer_3"])
+    assert chain == EmbedChain((("S1GRD", "embed_S1GRD"), ("S2L2A", "embed_S2L2A")), "encoder", ("layer_3",), (196, 196))
+    assert chain.graphs == ["embed_S1GRD", "embed_S2L2A", "encoder"]
+
+
+def test_a_chain_that_fails_to_compile_runs_graph_by_graph(tiny_export, engines):
+    rt = _ov(tiny_export)
+
+    def broken(chain, shapes):
+        raise OpenVinoError("embed chain X cannot be compiled as one model: boom")
+
+    rt.backend._compile_chain = broken
+    x = random_inputs(1, 1)
+    with pytest.warns(UserWarning, match="boom; running its graphs one by one"):
+        got = rt.embed(x)
+    _close(got, engines["separate"].embed(x), 1e-5)
+    assert "boom" in next(iter(rt.backend.unfused.values()))
+    rt.embed(x)  # known unfusable: no second attempt, no second warning
+
+
+def test_bf16_chain_is_compiled_bf16_with_its_patch_embeddings_rewritten(tiny_export):
+    """On any CPU (a fake core that reports BF16): the fused model is compiled with the bf16 hint and has
+    no convolution left (OpenVINO's bf16 patchify convolution is wrong; see openvino_patchify)."""
+    core = FakeCore(["FP32", "BF16"])
+    backend = _backend(tiny_export, core, precision="bf16")
+    chain = embed_chain(TerraMindRuntime(tiny_export).manifest, ["S2L2A", "S1GRD"], ["layer_11"])
+    shapes = (("S1GRD", (1, 2, 224, 224)), ("S2L2A", (1, 12, 224, 224)))
+    assert backend.fused_chain(chain, shapes) is not None
+    compiled = core.compiled[chain.key]
+    assert compiled["INFERENCE_PRECISION_HINT"] == "bf16"
+    types = [op.get_type_name() for op in compiled["source"].get_ops()]
+    assert "Convolution" not in types and types.count("Concat") >= 1
+    # one of the chain's graphs kept in f32 (a patch embedding the rewrite did not recognise): not fused
+    backend = _backend(tiny_export, FakeCore(["FP32", "BF16"]), precision="bf16")
+    backend.fp32_graphs = sorted({*backend.fp32_graphs, "embed_S1GRD"})
+    assert backend.fused_chain(chain, shapes) is None
+    assert backend.unfused[chain.key].startswith("mixed precisions: embed_S2L2A bf16, embed_S1GRD fp32")
+
+
+@pytest.mark.skipif(not _real_bf16(), reason="this CPU has no bf16 (OpenVINO's OPTIMIZATION_CAPABILITIES lacks BF16)")
+def test_bf16_fused_embed_matches_graph_by_graph(tiny_export, engines):
+    fused, separate = _ov(tiny_export, precision="bf16"), _ov(tiny_export, precision="bf16", fuse_embed=False)
+    x = random_inputs(1, 2)
+    a, b, ref = fused.embed(x, merge_method=None), separate.embed(x, merge_method=None), engines["ort"].embed(
+        x, merge_method=None)
+    for got in (a, b):
+        cos = (got * ref).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(ref, axis=-1)
+        assert cos.min() > 0.999, cos.min()
+    assert fused.backend.describe()["fused_chains"]
