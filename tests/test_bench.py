@@ -119,9 +119,12 @@ def test_embed_compare_torch_smoke(bench_tiny_export: Path, tmp_path: Path) -> N
 
     out = tmp_path / "compare.json"
     assert main(["embed", str(bench_tiny_export), "--iters", "2", "--warmup", "0", "--threads", "1",
-                 "--gap-ms", "1", "--compare-torch", "--json", str(out)]) == 0
+                 "--gap-ms", "1", "--batch", "1", "2", "--compare-torch", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     run = result["runs"][0]
+    # every batch's own rows are ours (a second batch's were once labelled with the last torch contender)
+    for each in result["runs"]:
+        assert {r["engine"] for r in each["rows"] if r["phase"] == "ort-only"} == {"onnxruntime"}
     from tm_bench.machine import cpu_has_bf16
 
     fp32 = {"torch_reference", "terratorch_eager"} | (set() if cpu_has_bf16() else {"terratorch_as_imported"})

@@ -241,8 +241,9 @@ def run_embed_benchmark(config: EmbedBenchConfig, log: Log = print) -> dict[str,
         run: dict[str, Any] = {"batch": batch, "flops": {**flops, **counted_flops.get(batch, {})},
                                "floor_flops": floor_total, "floor_s": floor_total / (gemm_rate * 1e9)}
         if batch in compare:
-            for engine, samples in compare[batch]["samples"].items():
-                rows.append(_row("embed", engine, "end-to-end", "interleaved", batch, samples, floor_total,
+            # not ``engine``: the next batch's own rows are labelled with it
+            for contender, samples in compare[batch]["samples"].items():
+                rows.append(_row("embed", contender, "end-to-end", "interleaved", batch, samples, floor_total,
                                  attention, rates))
             run["speedup_of_ort"] = compare[batch]["ratios"]
             run["max_abs_diff_vs_ort"] = compare[batch]["diffs"]
