@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         if has_bf16:
             paths["openvino-bf16"] = TerraMindRuntime(args.fp32, backend="openvino",
                                                       backend_options={**ov, "precision": "bf16"})
+            # the same without embed's fused chain: what joining the graphs into one model is worth
+            paths["openvino-bf16-graph-by-graph"] = TerraMindRuntime(
+                args.fp32, backend="openvino", backend_options={**ov, "precision": "bf16", "fuse_embed": False})
         if args.int8:
             paths["openvino-on-int8-graphs"] = TerraMindRuntime(args.int8, backend="openvino", backend_options=ov)
     except Exception as exc:  # openvino missing: the ORT paths still run

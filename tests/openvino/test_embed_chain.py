@@ -66,7 +66,8 @@ def test_fused_embed_equals_onnxruntime_and_graph_by_graph(engines):
 def test_the_chain_of_an_embed_call(tiny_export):
     rt = TerraMindRuntime(tiny_export)
     chain = embed_chain(rt.manifest, ["S1GRD", "S2L2A"], ["layer_3"])
-    assert chain == EmbedChain((("S1GRD", "embed_S1GRD"), ("S2L2A", "embed_S2L2A")), "encoder", ("layer_3",), (196, 196))
+    assert chain == EmbedChain((("S1GRD", "embed_S1GRD"), ("S2L2A", "embed_S2L2A")), "encoder", ("layer_3",),
+                               (196, 196))
     assert chain.graphs == ["embed_S1GRD", "embed_S2L2A", "encoder"]
 
 
