@@ -20,6 +20,7 @@ import numpy as np
 
 from tm_runtime import TerraMindRuntime
 from tm_runtime import runtime as runtime_module
+from tm_runtime.embed_chain import CHAIN_PREFIX
 from tm_runtime.scheduler import DDIMScheduler
 
 from .device import RecordingBackend, device_breakdown, engine_label, format_breakdown, runtime_backend, runtime_options
@@ -88,7 +89,17 @@ class TimingBackend:
             raise AttributeError(attr)
         if attr == "run_device" and hasattr(self.inner, "run_device"):
             return self._timed_run_device
+        if attr == "run_embed_chain" and hasattr(self.inner, "run_embed_chain"):
+            return self._timed_run_embed_chain
         return getattr(self.inner, attr)
+
+    def _timed_run_embed_chain(self, chain: Any, images: dict) -> list[np.ndarray]:
+        """A backend's patch embeddings + encoder as one model (OpenVINO), timed as one stage."""
+        start = time.perf_counter()
+        try:
+            return self.inner.run_embed_chain(chain, images)
+        finally:
+            self._record(chain.key, time.perf_counter() - start)
 
     def _timed_run_device(self, name: str, feeds: dict, outputs: list[str] | None = None) -> Any:
         """GPU backends' device-resident calls (the diffusion loop), timed like ``run``. A backend
@@ -146,6 +157,8 @@ def _inputs(rt: TerraMindRuntime, batch: int, seed: int) -> dict[str, np.ndarray
 
 
 def _stage_label(graph: str) -> str:
+    if graph.startswith(CHAIN_PREFIX):
+        return "patch embeddings + encoder (one model)"
     if graph.startswith("unet_"):
         return f"UNet step ({graph[5:]}), per call"
     if graph in ("decoder_head_coords", "decoder_query_coords"):

@@ -1,9 +1,12 @@
-"""What ``embed`` runs: each input's patch embedding, their tokens concatenated in input order, the encoder.
+"""What ``embed`` and ``encode_context`` run: each input's patch embedding, their tokens concatenated in
+input order, the encoder; plus the inputs' position + modality embeddings concatenated the same way
+(the decoders' context).
 
 A backend that can compile this chain as one model offers ``run_embed_chain(chain, images)``
 (OpenVINO: one inference instead of one per graph, no host-side concatenation; tiny embed at B=1
-~15% faster on an AMX Xeon, see BENCHMARKS.md). Every other backend runs the graphs one by one
-(``run_graphs``), exactly as before. Tokenised inputs, coords and TiM backbones keep the general path.
+~10% faster on an AMX Xeon, see BENCHMARKS.md). Every other backend runs the graphs one by one
+(``run_graphs``). The context embeddings are always an output, so that ``embed`` and generation
+share one compiled model. Tokenised inputs, coords and TiM backbones' embed keep the general path.
 """
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ import numpy as np
 
 from .manifest import Manifest
 
+CHAIN_PREFIX = "chain["  # of every chain's key
+
 
 @dataclass(frozen=True)
 class EmbedChain:
@@ -23,7 +28,8 @@ class EmbedChain:
     embeddings: (modality, its patch-embedding graph) in concatenation order; each graph takes
       ``image`` and gives ``tokens`` (B, n, D).
     encoder: the encoder graph, fed the concatenated tokens as ``tokens``.
-    outputs: the encoder outputs wanted, in order.
+    outputs: the encoder outputs wanted, in order; the chain returns them, then ``emb`` (1, N, D): the
+      embeddings' position + modality embeddings, concatenated like the tokens.
     token_counts: n of each embedding, in order (for the merge's layout).
     """
 
@@ -35,7 +41,7 @@ class EmbedChain:
     @property
     def key(self) -> str:
         """A name for the chain as one graph (OpenVINO's compilation key)."""
-        return f"chain[{'+'.join(g for _, g in self.embeddings)}>{self.encoder}:{','.join(self.outputs)}]"
+        return f"{CHAIN_PREFIX}{'+'.join(g for _, g in self.embeddings)}>{self.encoder}:{','.join(self.outputs)}]"
 
     @property
     def graphs(self) -> list[str]:
@@ -61,14 +67,14 @@ def embed_chain(manifest: Manifest, order: list[str], outputs: list[str]) -> Emb
 
 
 def run_graphs(backend: Any, chain: EmbedChain, images: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-    """The chain graph by graph through ``backend.run``."""
-    tokens = [backend.run(graph, {"image": images[name]}, ["tokens"])[0] for name, graph in chain.embeddings]
-    joined = tokens[0] if len(tokens) == 1 else np.concatenate(tokens, axis=1)
-    return backend.run(chain.encoder, {"tokens": joined}, list(chain.outputs))
+    """The chain graph by graph through ``backend.run``: its encoder outputs, then ``emb``."""
+    parts = [backend.run(graph, {"image": images[name]}, ["tokens", "emb"]) for name, graph in chain.embeddings]
+    tokens, emb = (np.concatenate([p[i] for p in parts], axis=1) if len(parts) > 1 else parts[0][i] for i in (0, 1))
+    return [*backend.run(chain.encoder, {"tokens": tokens}, list(chain.outputs)), emb]
 
 
 def run_embed_chain(backend: Any, chain: EmbedChain, images: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-    """The chain's encoder outputs: as one model where the backend offers it, else graph by graph."""
+    """The chain's encoder outputs, then ``emb``: as one model where the backend offers it, else graph by graph."""
     fused = getattr(backend, "run_embed_chain", None)
     if callable(fused):
         return fused(chain, images)

@@ -267,6 +267,11 @@ class TerraMindRuntime:
     def encode_context(self, arrays: dict[str, np.ndarray],
                        coords: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Run the encoder once: (normed last layer (B, N, D), context embeddings (1, N, D))."""
+        last = self._encoder["outputs"][self.num_layers - 1]
+        chain = embed_chain(self.manifest, list(arrays), [last]) if coords is None else None
+        if chain is not None:  # images only: embed's chain (on OpenVINO the same compiled model as embed's)
+            encoded, emb = run_embed_chain(self.backend, chain, arrays)
+            return encoded, emb
         tokens, emb = self._embed_with_context(arrays, coords)
         return self.encode(tokens, [self.num_layers - 1])[0], emb
 
@@ -592,7 +597,7 @@ class TerraMindRuntime:
         chain = embed_chain(self.manifest, order, outputs) if not self.tim and coords is None else None
         thought = []
         if chain is not None:  # images only: the graphs as one chain (one model on OpenVINO)
-            encoded = run_embed_chain(self.backend, chain, arrays)
+            encoded = run_embed_chain(self.backend, chain, arrays)[:-1]  # the context embeddings are not needed
             layout = [(name, n, True) for (name, _), n in zip(chain.embeddings, chain.token_counts)]
         else:
             parts = self._input_parts(arrays, coords, order)

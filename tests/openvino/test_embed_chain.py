@@ -115,3 +115,31 @@ def test_bf16_fused_embed_matches_graph_by_graph(tiny_export, engines):
         cos = (got * ref).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(ref, axis=-1)
         assert cos.min() > 0.999, cos.min()
     assert fused.backend.describe()["fused_chains"]
+
+
+def test_encode_context_shares_embeds_chain_and_gives_the_context_embeddings(engines):
+    """logits / coords_logits encode through the same chain (and, on OpenVINO, the same compiled model as
+    embed's last layer), which also returns the inputs' position + modality embeddings."""
+    x = engines["ort"].prepare(random_inputs(1, 4))
+    ref_encoded, ref_emb = engines["ort"].encode_context(x)
+    for name in ("fused", "separate"):
+        encoded, emb = engines[name].encode_context(x)
+        _close(encoded, ref_encoded, 1e-4)
+        np.testing.assert_allclose(emb, ref_emb, rtol=1e-6, atol=1e-6)
+    assert emb.shape == (1, 3 * 196, 192)
+    backend = engines["fused"].backend
+    before = set(backend.describe()["fused_chains"])
+    engines["fused"].embed(x)  # layers=-1: the chain encode_context compiled
+    assert "chain[embed_S2L2A+embed_S1GRD+embed_DEM>encoder:layer_11]" in before
+    assert set(backend.describe()["fused_chains"]) == before
+
+
+def test_tm_bench_times_the_fused_chain_as_one_stage(tiny_export):
+    from tm_bench.generate import TimingBackend, _stage_label
+
+    rt = _ov(tiny_export)
+    rt.backend = timing = TimingBackend(rt.backend)
+    rt.embed(random_inputs(1, 5))
+    (key,) = timing.seconds
+    assert key.startswith("chain[") and timing.calls[key] == 1
+    assert _stage_label(key) == "patch embeddings + encoder (one model)"

@@ -376,7 +376,7 @@ class OpenVinoBackend:
         request = self._request(chain.key, shapes)
         request.infer(feeds, share_inputs=True, share_outputs=True)
         index = self._outputs[chain.key]
-        return [np.array(request.get_output_tensor(index[o]).data) for o in chain.outputs]
+        return [np.array(request.get_output_tensor(index[o]).data) for o in (*chain.outputs, "emb")]
 
     def _unfusable(self, chain: EmbedChain) -> str:
         """Why ``chain`` must run graph by graph ('' when it can be one model)."""

@@ -31,12 +31,13 @@ def fuse_embed_chain(embeddings: Sequence[tuple[str, Any]], encoder: Any, output
                      prepare: Callable[[str, Any], None] | None = None) -> Any:
     """One model: every ``(modality, patch-embedding model)``'s ``tokens`` concatenated along the
     token axis, in order, into ``encoder``'s ``tokens`` input; its outputs are the encoder's
-    ``outputs``. ``prepare(modality, model)`` runs on each embedding model first (reshape, rewrites).
+    ``outputs``, then ``emb``: the embeddings' ``emb`` outputs concatenated the same way.
+    ``prepare(modality, model)`` runs on each embedding model first (reshape, rewrites).
     The models given are consumed (their nodes are moved into the result)."""
     import openvino as ov
     import openvino.opset13 as ops
 
-    parameters, tokens = [], []
+    parameters, tokens, embs = [], [], []
     for modality, model in embeddings:
         if prepare is not None:
             prepare(modality, model)
@@ -45,11 +46,14 @@ def fuse_embed_chain(embeddings: Sequence[tuple[str, Any]], encoder: Any, output
         image.output(0).set_names({modality})
         parameters.append(image)
         tokens.append(_output(model, "tokens"))
-    joined = tokens[0] if len(tokens) == 1 else ops.concat(tokens, axis=1).output(0)
+        embs.append(_output(model, "emb"))
+    joined, emb = (parts[0] if len(parts) == 1 else ops.concat(parts, axis=1).output(0) for parts in (tokens, embs))
     (encoder_input,) = [p for p in encoder.get_parameters() if "tokens" in p.output(0).get_names()]
     for target in list(encoder_input.output(0).get_target_inputs()):
         target.replace_source_output(joined)
-    results = [_result(encoder, name) for name in outputs]
+    emb_result = ops.result(emb)
+    emb_result.output(0).set_names({"emb"})
+    results = [_result(encoder, name) for name in outputs] + [emb_result]
     fused = ov.Model(results, parameters, "embed_chain")
     fused.validate_nodes_and_infer_types()
     return fused
