@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from tm_runtime import TerraMindRuntime
+from tm_runtime.embed_chain import CHAIN_PREFIX
 
 from . import machine
 from .device import engine_label, runtime_backend, runtime_options
@@ -57,6 +58,9 @@ def _stages(rt: TerraMindRuntime, timing: TimingBackend, total: float) -> dict[s
     encoder = timing.seconds.get(task.encoder_graph, 0.0)
     head = timing.seconds.get(task.head_graph, 0.0)
     stages = {"patch_embeddings": embed, "encoder": encoder, "head": head}
+    fused = sum(s for g, s in timing.seconds.items() if g.startswith(CHAIN_PREFIX))
+    if fused:  # OpenVINO ran the patch embeddings and the encoder as one model
+        stages["patch embeddings + encoder (one model)"] = fused
     if rt.tim is not None:
         # The TiM step's own graphs: the generation model's (tim_*) and the decoder's. A generation
         # model that shares the fine-tuned encoder's weights runs that graph, counted under "encoder".

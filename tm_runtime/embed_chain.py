@@ -1,16 +1,17 @@
-"""What ``embed`` and ``encode_context`` run: each input's patch embedding, their tokens concatenated in
+"""What ``embed``, ``encode_context`` and a task model's ``predict`` run: each input's patch embedding, their tokens concatenated in
 input order, the encoder; plus the inputs' position + modality embeddings concatenated the same way
 (the decoders' context).
 
-A backend that can compile this chain as one model offers ``run_embed_chain(chain, images)``
+A backend that can compile this chain as one model offers ``run_fused_chain(chain, images)``
 (OpenVINO: one inference instead of one per graph, no host-side concatenation; tiny embed at B=1
-~10% faster on an AMX Xeon, see BENCHMARKS.md). Every other backend runs the graphs one by one
-(``run_graphs``). The context embeddings are always an output, so that ``embed`` and generation
-share one compiled model. Tokenised inputs, coords and TiM backbones' embed keep the general path.
+~10% faster on an AMX Xeon, see BENCHMARKS.md), which returns None when it will not; then, and on
+every other backend, the graphs run one by one through ``backend.run`` (``run_graphs``). The context
+embeddings are always an output, so that ``embed`` and ``logits`` share one compiled model.
+Tokenised inputs, coords and TiM backbones keep the general path.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,8 +29,8 @@ class EmbedChain:
     embeddings: (modality, its patch-embedding graph) in concatenation order; each graph takes
       ``image`` and gives ``tokens`` (B, n, D).
     encoder: the encoder graph, fed the concatenated tokens as ``tokens``.
-    outputs: the encoder outputs wanted, in order; the chain returns them, then ``emb`` (1, N, D): the
-      embeddings' position + modality embeddings, concatenated like the tokens.
+    outputs: the encoder outputs wanted, in order, each once; the chain returns them, then ``emb``
+      (1, N, D): the embeddings' position + modality embeddings, concatenated like the tokens.
     token_counts: n of each embedding, in order (for the merge's layout).
     """
 
@@ -48,9 +49,11 @@ class EmbedChain:
         return [g for _, g in self.embeddings] + [self.encoder]
 
 
-def embed_chain(manifest: Manifest, order: list[str], outputs: list[str]) -> EmbedChain | None:
-    """The chain for image inputs ``order`` (modality names), or None where ``embed`` needs more
-    than a chain (a tokenised input) or a token count is not fixed in the manifest."""
+def embed_chain(manifest: Manifest, order: list[str], outputs: list[str],
+                encoder: str | None = None) -> EmbedChain | None:
+    """The chain for image inputs ``order`` (modality names) into ``encoder`` (default: the export's
+    encoder graph), or None where the inputs need more than a chain (a tokenised input) or a token
+    count is not fixed in the manifest."""
     embeddings, counts = [], []
     for name in order:
         spec = manifest.modalities.get(name)
@@ -63,7 +66,10 @@ def embed_chain(manifest: Manifest, order: list[str], outputs: list[str]) -> Emb
         counts.append(tokens[0].shape[1])
     if not embeddings:
         return None
-    return EmbedChain(tuple(embeddings), manifest.data["encoder"]["graph"], tuple(outputs), tuple(counts))
+    encoder = encoder or manifest.data["encoder"]["graph"]
+    # each output once (layers=[11, -1] asks for one twice): OpenVINO cannot compile a model that lists a
+    # result twice; run_embed_chain hands the repeats back
+    return EmbedChain(tuple(embeddings), encoder, tuple(dict.fromkeys(outputs)), tuple(counts))
 
 
 def run_graphs(backend: Any, chain: EmbedChain, images: Mapping[str, np.ndarray]) -> list[np.ndarray]:
@@ -73,9 +79,15 @@ def run_graphs(backend: Any, chain: EmbedChain, images: Mapping[str, np.ndarray]
     return [*backend.run(chain.encoder, {"tokens": tokens}, list(chain.outputs)), emb]
 
 
-def run_embed_chain(backend: Any, chain: EmbedChain, images: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-    """The chain's encoder outputs, then ``emb``: as one model where the backend offers it, else graph by graph."""
-    fused = getattr(backend, "run_embed_chain", None)
-    if callable(fused):
-        return fused(chain, images)
-    return run_graphs(backend, chain, images)
+def run_embed_chain(backend: Any, chain: EmbedChain, images: Mapping[str, np.ndarray],
+                    outputs: Sequence[str] | None = None) -> list[np.ndarray]:
+    """The encoder outputs ``outputs`` (default ``chain.outputs``; repeats allowed), then ``emb``: as one
+    model where the backend runs the chain so, else graph by graph."""
+    fused = getattr(backend, "run_fused_chain", None)
+    results = fused(chain, images) if callable(fused) else None
+    if results is None:
+        results = run_graphs(backend, chain, images)
+    if outputs is None:
+        return results
+    by_name = dict(zip(chain.outputs, results))
+    return [by_name[o] for o in outputs] + [results[-1]]

@@ -597,7 +597,7 @@ class TerraMindRuntime:
         chain = embed_chain(self.manifest, order, outputs) if not self.tim and coords is None else None
         thought = []
         if chain is not None:  # images only: the graphs as one chain (one model on OpenVINO)
-            encoded = run_embed_chain(self.backend, chain, arrays)[:-1]  # the context embeddings are not needed
+            encoded = run_embed_chain(self.backend, chain, arrays, outputs)[:-1]  # (not the context embeddings)
             layout = [(name, n, True) for (name, _), n in zip(chain.embeddings, chain.token_counts)]
         else:
             parts = self._input_parts(arrays, coords, order)

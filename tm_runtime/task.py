@@ -7,6 +7,8 @@ A small pipeline over the runtime's public pieces, in the order terratorch's Pix
       -> encoder graph (the selected layers) -> merge modalities (numpy) -> [pool dates (numpy)]
       -> head graph (necks + decoder + head) -> logits | probabilities | classes
 
+(The patch embeddings and the encoder run as ``tm_runtime.embed_chain``'s chain: one model on OpenVINO.)
+
 A Thinking-in-Modalities task model adds the generated modalities' token parts in
 ``token_parts`` (``tm_runtime.tim``: the frozen generation model, whose graphs differ from the
 fine-tuned ones where fine-tuning changed the weights); ``task.encoder_graph`` is the fine-tuned
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .inputs import resolve_names
+from .embed_chain import embed_chain, run_embed_chain
 from .merge import merge_tokens
 from .tim import TimOptions, tim_parts
 
@@ -170,12 +173,18 @@ class TaskPipeline:
                 tim: TimOptions | None = None) -> tuple[list[np.ndarray], np.ndarray]:
         """Prepared inputs (``prepare``) -> the encoder layers the head reads (before merging and
         pooling, as the encoder graph gives them) and the head's raw output."""
-        parts = self.token_parts(arrays, tim)
-        tokens = np.concatenate([t for _, t, _ in parts], axis=1)
-        layout = [(name, t.shape[1], is_image) for name, t, is_image in parts]
+        names = self.rt.manifest.data["encoder"]["outputs"]
+        outputs = [names[i] for i in self.info.layers]
+        chain = None if self.rt.tim else embed_chain(self.rt.manifest, list(arrays), outputs, self.info.encoder_graph)
+        if chain is not None:  # embed's chain (one model on OpenVINO); its context embeddings are not needed
+            layers = run_embed_chain(self.rt.backend, chain, arrays, outputs)[:-1]
+            layout = [(name, n, True) for (name, _), n in zip(chain.embeddings, chain.token_counts)]
+        else:
+            parts = self.token_parts(arrays, tim)
+            layers = self.encode(np.concatenate([t for _, t, _ in parts], axis=1))
+            layout = [(name, t.shape[1], is_image) for name, t, is_image in parts]
         # Generated TiM modalities are never missing: only absent inputs are (concat fills them).
         missing = len(self.info.modalities) - len(arrays)
-        layers = self.encode(tokens)
         features = []
         for layer in layers:
             merged = merge_tokens(layer, layout, self.info.merge_method, missing)

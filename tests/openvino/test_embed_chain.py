@@ -42,25 +42,44 @@ def _close(got, ref, rtol):
 
 
 CALLS = [{}, {"merge_method": "concat"}, {"merge_method": "dict"}, {"merge_method": None, "layers": [0, 5]},
-         {"merge_method": "max", "layers": "all"}]
+         {"merge_method": "max", "layers": "all"}, {"merge_method": None, "layers": [11, -1, 3, 3]}]
 
 
-def test_fused_embed_equals_onnxruntime_and_graph_by_graph(engines):
-    """Every merge method and layer choice, three modalities in two orders (the tokens are concatenated in
-    input order: a fused Concat in the wrong order would show here), one modality alone, batch 2."""
+def test_fused_embed_equals_onnxruntime_and_graph_by_graph(tiny_export, engines):
+    """Every merge method and layer choice (repeated layers too: OpenVINO cannot compile a model listing a
+    result twice), three modalities in two orders (the tokens are concatenated in input order: a fused
+    Concat in the wrong order would show here), one modality alone, batch 2."""
     x = random_inputs(2, 3)
-    inputs = [x, dict(reversed(list(x.items()))), {"S1GRD": x["S1GRD"]}]
-    for feed in inputs:
+    chains = []
+    for feed in (x, dict(reversed(list(x.items()))), {"S1GRD": x["S1GRD"]}):
+        fused = _ov(tiny_export)  # a fresh one per input order: at most MAX_FUSED_MODELS chains each
         for kwargs in CALLS:
             ref = engines["ort"].embed(feed, **kwargs)
-            _close(engines["fused"].embed(feed, **kwargs), ref, 1e-4)
-            _close(engines["separate"].embed(feed, **kwargs), engines["fused"].embed(feed, **kwargs), 1e-5)
-    fused = engines["fused"].backend.describe()
-    # one chain per input order and encoder outputs (last layer; layers 0 and 5; all layers)
-    assert fused["unfused_chains"] == {} and len(fused["fused_chains"]) == len(inputs) * 3
-    assert "chain[embed_DEM+embed_S1GRD+embed_S2L2A>encoder:layer_11]" in fused["fused_chains"]
+            _close(fused.embed(feed, **kwargs), ref, 1e-4)
+            _close(engines["separate"].embed(feed, **kwargs), fused.embed(feed, **kwargs), 1e-5)
+        facts = fused.backend.describe()
+        # one chain per encoder-output choice: the last layer; 0 and 5; all; 11 and 3
+        assert facts["unfused_chains"] == {} and len(facts["fused_chains"]) == facts["fused_models"] == 4
+        chains += facts["fused_chains"]
+    assert {"chain[embed_S2L2A+embed_S1GRD+embed_DEM>encoder:layer_11]",
+            "chain[embed_DEM+embed_S1GRD+embed_S2L2A>encoder:layer_11]", "chain[embed_S1GRD>encoder:layer_11]",
+            "chain[embed_S1GRD>encoder:layer_11,layer_3]"} <= set(chains)
     separate = engines["separate"].backend.describe()
     assert separate["fused_chains"] == [] and set(separate["unfused_chains"].values()) == {"fuse_embed=False"}
+
+
+def test_fused_models_are_capped_then_graphs_run_one_by_one(tiny_export, engines):
+    """Each fused model holds a copy of the encoder: past MAX_FUSED_MODELS, calls run graph by graph."""
+    from tm_runtime.backends.openvino import MAX_FUSED_MODELS
+
+    rt = _ov(tiny_export)
+    x = random_inputs(1, 6)
+    for layer in range(MAX_FUSED_MODELS + 2):
+        _close(rt.embed(x, layers=layer), engines["ort"].embed(x, layers=layer), 1e-4)
+    facts = rt.backend.describe()
+    assert facts["fused_models"] == MAX_FUSED_MODELS and facts["unfused_chains"] == {}
+    assert sum(1 for name, _ in rt.backend._compiled if name.startswith("chain[")) == MAX_FUSED_MODELS
+    assert ("encoder", (("tokens", (1, 588, 192)),)) in rt.backend._compiled  # the rest, graph by graph
 
 
 def test_the_chain_of_an_embed_call(tiny_export):
@@ -135,6 +154,7 @@ def test_encode_context_shares_embeds_chain_and_gives_the_context_embeddings(eng
 
 
 def test_tm_bench_times_the_fused_chain_as_one_stage(tiny_export):
+    """...and graph by graph where it is not fused (fuse_embed=False, or a chain the backend declines)."""
     from tm_bench.generate import TimingBackend, _stage_label
 
     rt = _ov(tiny_export)
@@ -143,3 +163,7 @@ def test_tm_bench_times_the_fused_chain_as_one_stage(tiny_export):
     (key,) = timing.seconds
     assert key.startswith("chain[") and timing.calls[key] == 1
     assert _stage_label(key) == "patch embeddings + encoder (one model)"
+    rt = _ov(tiny_export, fuse_embed=False)
+    rt.backend = timing = TimingBackend(rt.backend)
+    rt.embed(random_inputs(1, 5))
+    assert set(timing.seconds) == {"embed_S2L2A", "embed_S1GRD", "embed_DEM", "encoder"}

@@ -155,7 +155,7 @@ def test_static_shapes_compile_per_input_shape(tiny_export, fuse):
     """Each new input shape gets its own static compilation (up to MAX_STATIC_SHAPES per graph, then the
     dynamic one); results equal the dynamic compilation's; static_shapes=False compiles the file once.
     The same holds for embed's fused chain (patch embeddings + encoder as one model)."""
-    from tm_runtime.backends.openvino import MAX_STATIC_SHAPES
+    from tm_runtime.backends.openvino import MAX_FUSED_MODELS, MAX_STATIC_SHAPES
 
     options = {"cache_dir": None, "threads": 1, "fuse_embed": fuse}
     static = TerraMindRuntime(tiny_export, backend="openvino", backend_options=options)
@@ -165,10 +165,14 @@ def test_static_shapes_compile_per_input_shape(tiny_export, fuse):
         x = {"S2L2A": rng.standard_normal((batch, 12, 224, 224)).astype(np.float32)}
         np.testing.assert_allclose(static.embed(x), dynamic.embed(x), rtol=1e-5, atol=1e-5)
         static.embed(x)  # the same shape again: no new compilation
-    graph, feed = ("chain[embed_S2L2A>encoder:layer_11]", "S2L2A") if fuse else ("encoder", "tokens")
-    keys = [shapes for name, shapes in static.backend._compiled if name == graph]
-    assert len(keys) == MAX_STATIC_SHAPES + 1 and keys.count(None) == 1
-    assert sorted(dict(s)[feed][0] for s in keys if s) == list(range(1, MAX_STATIC_SHAPES + 1))
+    encoder = [shapes for name, shapes in static.backend._compiled if name == "encoder"]
+    if fuse:  # one fused model per shape up to MAX_FUSED_MODELS (= MAX_STATIC_SHAPES), then graph by graph
+        chain = [shapes for name, shapes in static.backend._compiled if name == "chain[embed_S2L2A>encoder:layer_11]"]
+        assert sorted(dict(s)["S2L2A"][0] for s in chain) == list(range(1, MAX_FUSED_MODELS + 1))
+        assert sorted(dict(s)["tokens"][0] for s in encoder) == [MAX_FUSED_MODELS + 1, MAX_FUSED_MODELS + 2]
+    else:
+        assert len(encoder) == MAX_STATIC_SHAPES + 1 and encoder.count(None) == 1
+        assert sorted(dict(s)["tokens"][0] for s in encoder if s) == list(range(1, MAX_STATIC_SHAPES + 1))
     assert [s for name, s in dynamic.backend._compiled] == ([None] if fuse else [None, None])
     with pytest.raises(ValueError, match="static_shapes must be True or False"):
         TerraMindRuntime(tiny_export, backend="openvino", backend_options={"static_shapes": "yes"})

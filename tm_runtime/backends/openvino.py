@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from ..embed_chain import EmbedChain, run_graphs
+from ..embed_chain import EmbedChain
 
 DEVICES = ("CPU", "GPU", "NPU", "AUTO")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -41,6 +41,9 @@ OPTIONS = ("device", "precision", "threads", "cache_dir", "static_shapes", "fuse
 # Static compilations kept per graph; a graph called with more input shapes than this runs the rest on
 # its dynamic compilation (each static one holds its own copy of the weights).
 MAX_STATIC_SHAPES = 4
+# Fused embed chains compiled per backend: each input order, choice of encoder outputs and input shape is
+# one, with its own copy of the encoder's weights; beyond this, calls run their graphs one by one.
+MAX_FUSED_MODELS = 4
 # OpenVINO's names for our precisions: the hint value and the capability a device must report.
 _HINT = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 _CAPABILITY = {"bf16": "BF16", "fp16": "FP16"}
@@ -78,9 +81,10 @@ class OpenVinoOptions:
       AMX Xeon, see BENCHMARKS.md); the first call with a new shape compiles (up to ``MAX_STATIC_SHAPES``
       per graph). The other graphs stay dynamic: OpenVINO 2026.4.1 computes the decoder compiled for a
       single query (coords decoding) wrongly in bf16. False: one dynamic compilation per graph.
-    fuse_embed: ``embed`` runs its patch embeddings and the encoder as one compiled model (default
-      True; see ``openvino_fuse``): faster at small sizes, at the cost of a second compiled copy of the
-      encoder's weights when other calls (generate, logits) compile the encoder on its own too.
+    fuse_embed: ``embed``, ``logits`` and a task's ``predict`` run their patch embeddings and the encoder
+      as one compiled model (default True; see ``openvino_fuse``): faster at small sizes. Each such model
+      (per input order, encoder outputs and input shape; at most ``MAX_FUSED_MODELS``) holds its own copy of
+      the encoder's weights, besides the encoder's own compilations that generate uses.
     """
 
     device: str = "CPU"
@@ -227,7 +231,9 @@ class OpenVinoBackend:
         self._compiled: dict[tuple[str, Shapes | None], Any] = {}
         self._outputs: dict[str, dict[str, int]] = {}
         self._chains: dict[str, EmbedChain] = {}  # embed chains compiled as one model, by key
+        self._fused: set[tuple[str, Shapes | None]] = set()  # the fused models compiled or being compiled
         self.unfused: dict[str, str] = {}  # chain key -> why it runs graph by graph
+        self._chain_lock = threading.Lock()  # guards the three above (``_lock`` guards compilation)
         self._lock = threading.Lock()
         self._local = threading.local()
         self.session_seconds: dict[str, float] = {}  # compile (or cache load) time per graph
@@ -324,8 +330,11 @@ class OpenVinoBackend:
         def prepare(modality: str, model: Any) -> None:
             if shapes:
                 model.reshape({"image": list(dict(shapes)[modality])})
-            if bf16 and not rewrite_patchify_convolutions(model):  # see the module docstring
-                raise OpenVinoError(f"no patchifying convolution to rewrite for bf16 in {modality}'s embedding")
+            if bf16:  # see the module docstring
+                replaced = rewrite_patchify_convolutions(model)
+                if not replaced:
+                    raise OpenVinoError(f"no patchifying convolution to rewrite for bf16 in {modality}'s embedding")
+                self.rewritten[dict(chain.embeddings)[modality]] = replaced
 
         try:
             embeddings = [(m, self.core.read_model(str(self._paths[g]))) for m, g in chain.embeddings]
@@ -333,46 +342,52 @@ class OpenVinoBackend:
                                      chain.outputs, prepare)
             fused.set_friendly_name(chain.key)
             model = self.core.compile_model(fused, self.options.device, self.compile_config(chain.key))
-        except (RuntimeError, KeyError, ValueError) as exc:
-            if isinstance(exc, OpenVinoError):
-                raise
+        except OpenVinoError:
+            raise
+        except Exception as exc:  # whatever OpenVINO's graph surgery raises: the graphs still run one by one
             raise OpenVinoError(f"embed chain {chain.key} cannot be compiled as one model: {exc}") from exc
         self._check_precision(chain.key, model)
         return model
 
-    def _admit(self, chain: EmbedChain) -> bool:
-        """Whether ``chain`` is to run as one model (registered on first sight; see ``unfused``)."""
-        key = chain.key
-        if key in self.unfused:
-            return False
-        if key not in self._chains:
-            reason = self._unfusable(chain)
-            if reason:
-                self.unfused[key] = reason
-                return False
-            self._chains[key] = chain
-            self._static_graphs.add(key)
-        return True
-
     def fused_chain(self, chain: EmbedChain, shapes: Shapes | None = None) -> Any:
-        """``chain`` compiled as one model for ``shapes`` (sorted (modality, shape) pairs, or None for
-        any batch); None where it runs graph by graph, with the reason in ``unfused``. A chain that
-        fails to compile is reported once (a warning) and then runs graph by graph: slower, not wrong."""
-        if not self._admit(chain):
-            return None
+        """``chain`` compiled as one model for ``shapes`` (sorted (modality, shape) pairs, or None for any
+        batch); None where it runs graph by graph: for good with the reason in ``unfused``, or for now
+        when ``MAX_FUSED_MODELS`` are compiled already. A chain that fails to compile is reported once
+        (a warning) and then runs graph by graph: slower, not wrong."""
+        key = chain.key
+        with self._chain_lock:
+            if key in self.unfused:
+                return None
+            if (key, shapes) not in self._fused:
+                reason = self._unfusable(chain)
+                if reason:
+                    self.unfused[key] = reason
+                    return None
+                if len(self._fused) >= MAX_FUSED_MODELS:
+                    return None
+                self._fused.add((key, shapes))
+                self._chains[key] = chain
         try:
-            return self.compiled(chain.key, shapes)
+            return self.compiled(key, shapes)
         except OpenVinoError as exc:
-            self.unfused[chain.key] = str(exc)
-            warnings.warn(f"{exc}; running its graphs one by one", stacklevel=4)
+            with self._chain_lock:
+                first = key not in self.unfused
+                self.unfused[key] = str(exc)
+                self._fused -= {k for k in self._fused if k[0] == key}
+            with self._lock:  # compilations of the key for other shapes: never used again
+                for k in [k for k in self._compiled if k[0] == key]:
+                    del self._compiled[k]
+            if first:
+                warnings.warn(f"{exc}; running its graphs one by one", stacklevel=4)
             return None
 
-    def run_embed_chain(self, chain: EmbedChain, images: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        """``embed``'s patch embeddings + encoder as one compiled model (``fuse_embed``), else graph by graph."""
+    def run_fused_chain(self, chain: EmbedChain, images: Mapping[str, np.ndarray]) -> list[np.ndarray] | None:
+        """``chain`` as one compiled model (``fuse_embed``): its encoder outputs, then ``emb``; None when it
+        is not to run as one model (the caller then runs its graphs one by one, see ``embed_chain``)."""
         feeds = {m: np.ascontiguousarray(images[m]) for m, _ in chain.embeddings}
-        shapes = self._shapes_for(chain.key, feeds) if self._admit(chain) else None
+        shapes = tuple(sorted((k, tuple(v.shape)) for k, v in feeds.items())) if self.options.static_shapes else None
         if self.fused_chain(chain, shapes) is None:
-            return run_graphs(self, chain, images)
+            return None
         request = self._request(chain.key, shapes)
         request.infer(feeds, share_inputs=True, share_outputs=True)
         index = self._outputs[chain.key]
@@ -469,9 +484,14 @@ class OpenVinoBackend:
                 "cache_dir": str(self.options.cache_dir) if self.options.cache_dir else None,
                 "static_shapes": self.options.static_shapes, "winograd_graphs": self.winograd_graphs,
                 "int8_graphs": dict(self.int8_graphs),
-                "fuse_embed": self.options.fuse_embed, "fused_chains": sorted(set(self._chains) - set(self.unfused)),
-                "unfused_chains": dict(self.unfused),
+                "fuse_embed": self.options.fuse_embed, **self._chain_facts(),
                 "openvino": _openvino_version()}
+
+
+    def _chain_facts(self) -> dict[str, Any]:
+        with self._chain_lock:
+            return {"fused_chains": sorted({key for key, _ in self._fused} - set(self.unfused)),
+                    "fused_models": len(self._fused), "unfused_chains": dict(self.unfused)}
 
 
 # str() of an openvino.Type is "<Type: 'bfloat16'>"; its short name is what the hint was given as.
