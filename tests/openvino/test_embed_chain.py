@@ -167,3 +167,14 @@ def test_tm_bench_times_the_fused_chain_as_one_stage(tiny_export):
     rt.backend = timing = TimingBackend(rt.backend)
     rt.embed(random_inputs(1, 5))
     assert set(timing.seconds) == {"embed_S2L2A", "embed_S1GRD", "embed_DEM", "encoder"}
+
+
+def test_fused_chain_comes_from_the_model_cache_in_a_second_runtime(tiny_export, tmp_path):
+    """OpenVINO caches a model built in memory (hashing it) like one read from a file."""
+    x = random_inputs(1, 7)
+    first = _ov(tiny_export, cache_dir=str(tmp_path))
+    first.embed(x)
+    second = _ov(tiny_export, cache_dir=str(tmp_path))
+    np.testing.assert_array_equal(second.embed(x), first.embed(x))
+    (model,) = [m for (name, _), m in second.backend._compiled.items() if name.startswith("chain[")]
+    assert bool(model.get_property("LOADED_FROM_CACHE"))
