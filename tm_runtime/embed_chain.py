@@ -1,6 +1,6 @@
-"""What ``embed``, ``encode_context`` and a task model's ``predict`` run: each input's patch embedding, their tokens concatenated in
-input order, the encoder; plus the inputs' position + modality embeddings concatenated the same way
-(the decoders' context).
+"""What ``embed``, ``encode_context`` and a task model's ``predict`` run: each input's patch embedding,
+their tokens concatenated in input order, the encoder; plus the inputs' position + modality embeddings
+concatenated the same way (the decoders' context).
 
 A backend that can compile this chain as one model offers ``run_fused_chain(chain, images)``
 (OpenVINO: one inference instead of one per graph, no host-side concatenation; tiny embed at B=1
@@ -47,6 +47,11 @@ class EmbedChain:
     @property
     def graphs(self) -> list[str]:
         return [g for _, g in self.embeddings] + [self.encoder]
+
+    @property
+    def layout(self) -> list[tuple[str, int, bool]]:
+        """``merge_tokens``' layout of the encoder's tokens: (modality, token count, an image modality)."""
+        return [(name, n, True) for (name, _), n in zip(self.embeddings, self.token_counts)]
 
 
 def embed_chain(manifest: Manifest, order: list[str], outputs: list[str],

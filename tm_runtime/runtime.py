@@ -598,7 +598,7 @@ class TerraMindRuntime:
         thought = []
         if chain is not None:  # images only: the graphs as one chain (one model on OpenVINO)
             encoded = run_embed_chain(self.backend, chain, arrays, outputs)[:-1]  # (not the context embeddings)
-            layout = [(name, n, True) for (name, _), n in zip(chain.embeddings, chain.token_counts)]
+            layout = chain.layout
         else:
             parts = self._input_parts(arrays, coords, order)
             thought = tim_parts(self, self.tim, arrays, coords, order, parts, options) if self.tim else []

@@ -173,12 +173,11 @@ class TaskPipeline:
                 tim: TimOptions | None = None) -> tuple[list[np.ndarray], np.ndarray]:
         """Prepared inputs (``prepare``) -> the encoder layers the head reads (before merging and
         pooling, as the encoder graph gives them) and the head's raw output."""
-        names = self.rt.manifest.data["encoder"]["outputs"]
-        outputs = [names[i] for i in self.info.layers]
+        outputs = self.encoder_outputs
         chain = None if self.rt.tim else embed_chain(self.rt.manifest, list(arrays), outputs, self.info.encoder_graph)
         if chain is not None:  # embed's chain (one model on OpenVINO); its context embeddings are not needed
             layers = run_embed_chain(self.rt.backend, chain, arrays, outputs)[:-1]
-            layout = [(name, n, True) for (name, _), n in zip(chain.embeddings, chain.token_counts)]
+            layout = chain.layout
         else:
             parts = self.token_parts(arrays, tim)
             layers = self.encode(np.concatenate([t for _, t, _ in parts], axis=1))
@@ -259,10 +258,15 @@ class TaskPipeline:
         thought = tim_parts(self.rt, self.rt.tim, arrays, None, order, parts, tim)
         return [(name, tokens, True) for name, tokens, _ in parts + thought]
 
+    @property
+    def encoder_outputs(self) -> list[str]:
+        """The encoder graph's outputs of the layers the head reads."""
+        names = self.rt.manifest.data["encoder"]["outputs"]
+        return [names[i] for i in self.info.layers]
+
     def encode(self, tokens: np.ndarray) -> list[np.ndarray]:
         """The selected layers of the task's (fine-tuned) encoder graph."""
-        names = self.rt.manifest.data["encoder"]["outputs"]
-        return self.rt.backend.run(self.info.encoder_graph, {"tokens": tokens}, [names[i] for i in self.info.layers])
+        return self.rt.backend.run(self.info.encoder_graph, {"tokens": tokens}, self.encoder_outputs)
 
     def head(self, features: list[np.ndarray]) -> np.ndarray:
         feeds = {name: np.ascontiguousarray(f, dtype=np.float32) for name, f in zip(self.info.head_inputs, features)}

@@ -388,10 +388,7 @@ class OpenVinoBackend:
         shapes = tuple(sorted((k, tuple(v.shape)) for k, v in feeds.items())) if self.options.static_shapes else None
         if self.fused_chain(chain, shapes) is None:
             return None
-        request = self._request(chain.key, shapes)
-        request.infer(feeds, share_inputs=True, share_outputs=True)
-        index = self._outputs[chain.key]
-        return [np.array(request.get_output_tensor(index[o]).data) for o in (*chain.outputs, "emb")]
+        return self._infer(chain.key, shapes, feeds, [*chain.outputs, "emb"])
 
     def _unfusable(self, chain: EmbedChain) -> str:
         """Why ``chain`` must run graph by graph ('' when it can be one model)."""
@@ -460,15 +457,20 @@ class OpenVinoBackend:
     def run(self, name: str, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[np.ndarray]:
         shapes = self._shapes_for(name, feeds)
         model = self.compiled(name, shapes)
+        wanted = outputs if outputs is not None else [next(iter(p.get_names())) for p in model.outputs]
+        return self._infer(name, shapes, feeds, wanted)
+
+    def _infer(self, name: str, shapes: Shapes | None, feeds: Mapping[str, np.ndarray],
+               wanted: list[str]) -> list[np.ndarray]:
+        """One inference of the compiled ``(name, shapes)`` on this thread's request; copies of ``wanted``."""
+        index = self._outputs[name]
+        missing = [o for o in wanted if o not in index]
+        if missing:
+            raise KeyError(f"graph {name!r} has no output(s) {missing} (outputs: {', '.join(index)})")
         request = self._request(name, shapes)
         # share_inputs: OpenVINO reads the (contiguous) arrays in place instead of copying them in;
         # share_outputs: infer() returns views, not copies nobody reads (the copies are made below).
         request.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()}, share_inputs=True, share_outputs=True)
-        index = self._outputs[name]
-        wanted = outputs if outputs is not None else [next(iter(p.get_names())) for p in model.outputs]
-        missing = [o for o in wanted if o not in index]
-        if missing:
-            raise KeyError(f"graph {name!r} has no output(s) {missing} (outputs: {', '.join(index)})")
         # Copies: the request's buffers are reused by its next call.
         return [np.array(request.get_output_tensor(index[o]).data) for o in wanted]
 
@@ -486,7 +488,6 @@ class OpenVinoBackend:
                 "int8_graphs": dict(self.int8_graphs),
                 "fuse_embed": self.options.fuse_embed, **self._chain_facts(),
                 "openvino": _openvino_version()}
-
 
     def _chain_facts(self) -> dict[str, Any]:
         with self._chain_lock:
