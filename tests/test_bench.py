@@ -112,6 +112,20 @@ def test_embed_smoke_is_torch_free_and_writes_json(bench_tiny_export: Path, tmp_
         assert "speedup_of_ort" not in run
 
 
+
+def test_embed_ort_spinning_reaches_the_sessions(bench_tiny_export: Path) -> None:
+    """--ort-spinning goes through backend_options (sha256 checks kept): the sessions spin within
+    a run and stop at its end, and the result says so."""
+    from tm_bench.embed import EmbedBenchConfig, run_embed_benchmark
+
+    result = run_embed_benchmark(EmbedBenchConfig(export_dir=bench_tiny_export, batches=[1], warmup=0, iters=1,
+                                                  threads=1, ort_spinning=True), log=lambda s: None)
+    assert result["settings"]["ort"]["allow_spinning"] == "1"
+    assert result["settings"]["ort"]["force_spinning_stop"] == "1"
+    with pytest.raises(ValueError, match="--ort-spinning applies to --backend ort-cpu only"):
+        run_embed_benchmark(EmbedBenchConfig(export_dir=bench_tiny_export, batches=[1], warmup=0, iters=1,
+                                             ort_spinning=True, backend="openvino"), log=lambda s: None)
+
 @pytest.mark.parity
 def test_embed_compare_torch_smoke(bench_tiny_export: Path, tmp_path: Path) -> None:
     pytest.importorskip("terratorch")

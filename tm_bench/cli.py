@@ -36,8 +36,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="threads for ORT intra-op, torch and the sgemm probe (default: usable cores)")
     e.add_argument("--modalities", nargs="+", default=None, help="subset of the exported modalities")
     e.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
-    e.add_argument("--ort-spinning", action="store_true",
-                   help="let ORT's intra-op threads spin-wait (ORT's own default; tm_runtime turns it off)")
     e.add_argument("--json", type=Path, default=None, help="write every number here")
     e.add_argument("--gap-ms", type=float, default=50.0,
                    help="idle gap before each interleaved call, so spinning threads of the previous "
@@ -104,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ort-cpu (default); ort-cuda (onnxruntime-gpu, IO binding) or tensorrt (engines "
                              "from tm-build-engines' cache) add a per-graph H2D / compute / D2H breakdown; "
                              "openvino runs the same ONNX files on OpenVINO (pip install 'tm-deploy[openvino]')")
+        if sp is not a:
+            sp.add_argument("--ort-spinning", action="store_true",
+                            help="ort-cpu: backend_options={'spinning': True}, intra-op threads spin-wait within a "
+                                 "run and stop at its end (off by default: it costs when other processes share "
+                                 "the cores)")
         sp.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
                         help="with --backend openvino: its inference precision (bf16 needs AVX512_BF16 or AMX; "
                              "the FSQ tokenizer encoders stay fp32)")
@@ -131,7 +134,7 @@ def _generate(args) -> int:
     config = GenerateBenchConfig(args.export_dir, args.outputs, timesteps=args.timesteps, batch=args.batch,
                                  warmup=args.warmup, iters=args.iters, threads=args.threads,
                                  compare_torch=args.compare_torch, seed=args.seed, backend=args.backend,
-                                 precision=args.precision)
+                                 precision=args.precision, ort_spinning=args.ort_spinning)
     result = run_generate_benchmark(config, log=lambda s: print(s, file=sys.stderr, flush=True))
     print(format_generate_report(result))
     if args.json:
@@ -157,7 +160,8 @@ def _predict(args) -> int:
 
     config = PredictBenchConfig(args.export_dir, batches=args.batch, warmup=args.warmup, iters=args.iters,
                                 threads=args.threads, compare_torch=args.compare_torch, ckpt=args.ckpt,
-                                seed=args.seed, backend=args.backend, precision=args.precision)
+                                seed=args.seed, backend=args.backend, precision=args.precision,
+                                ort_spinning=args.ort_spinning)
     result = run_predict_benchmark(config, log=lambda s: print(s, file=sys.stderr, flush=True))
     print(format_predict_report(result))
     if args.json:

@@ -27,14 +27,18 @@ def runtime_backend(name: str) -> str:
         raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {name!r}") from None
 
 
-def runtime_options(name: str, precision: str | None, threads: int | None) -> dict[str, Any]:
+def runtime_options(name: str, precision: str | None, threads: int | None,
+                    ort_spinning: bool = False) -> dict[str, Any]:
     """``backend_options`` for ``--backend`` / ``--precision`` (precision is OpenVINO's; an ONNX
-    Runtime backend runs the export's graphs in the precision they were exported in)."""
+    Runtime backend runs the export's graphs in the precision they were exported in) and
+    ``--ort-spinning`` (ONNX Runtime on the CPU only)."""
+    if ort_spinning and name != "ort-cpu":
+        raise ValueError("--ort-spinning applies to --backend ort-cpu only")
     if name != "openvino":
         if precision not in (None, "fp32"):
             raise ValueError(f"--precision {precision} needs --backend openvino (ONNX Runtime runs the graphs in "
                              "the precision they were exported in: use an int8 or fp16 export)")
-        return {}
+        return {"spinning": True} if ort_spinning else {}
     if precision is not None and precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     options: dict[str, Any] = {"precision": precision or "fp32"}

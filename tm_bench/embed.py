@@ -44,7 +44,7 @@ class EmbedBenchConfig:
     compare_torch: bool = False
     ckpt: Path | None = None
     seed: int = 0  # for the random inputs
-    ort_spinning: bool = False  # ORT intra-op spin-waiting (the runtime's default is off)
+    ort_spinning: bool = False  # backend_options spinning: spin-wait within a run (the runtime's default is off)
     # Idle gap before each interleaved call. OpenMP (torch) and OpenBLAS workers busy-wait for
     # a while after their work; without a gap they take a core from whoever runs next.
     gap_s: float = 0.05
@@ -151,16 +151,11 @@ def run_embed_benchmark(config: EmbedBenchConfig, log: Log = print) -> dict[str,
     rss_start = machine.current_rss_bytes()
     peak_reset = machine.reset_peak_rss()
     rt = TerraMindRuntime(config.export_dir, threads=threads, backend=runtime_backend(config.backend),
-                          backend_options=runtime_options(config.backend, config.precision, threads))
+                          backend_options=runtime_options(config.backend, config.precision, threads,
+                                                          config.ort_spinning))
     engine = engine_label(config.backend, config.precision)
     if rt.tim:  # its FLOP floor, per-graph split and terratorch twin would all be those of a plain backbone
         raise ValueError(f"{config.export_dir} is a TiM backbone; tm-bench embed does not measure TiM exports yet")
-    if config.ort_spinning and config.backend != "ort-cpu":
-        raise ValueError("--ort-spinning applies to --backend ort-cpu only")
-    if config.ort_spinning:
-        # Sessions are created lazily, so swapping the backend before first use is enough.
-        paths = {name: rt.manifest.graph_path(name) for name in rt.manifest.graphs}
-        rt.backend = OrtBackend(paths, threads=threads, spinning=True)
     names = [canonical_name(m) for m in config.modalities] if config.modalities else rt.modalities
     unknown = [n for n in names if n not in rt.manifest.modalities]
     if unknown:
@@ -180,7 +175,7 @@ def run_embed_benchmark(config: EmbedBenchConfig, log: Log = print) -> dict[str,
         "batches": config.batches, "warmup": config.warmup, "iters": config.iters, "threads": threads,
         "input_seed": config.seed, "compare_torch": config.compare_torch, "timer": "time.perf_counter",
         "interleave_gap_s": config.gap_s,
-        "backend": config.backend, "engine": engine,
+        "backend": config.backend, "engine": engine, "ort_spinning": config.ort_spinning,
         "ort": _session_facts(rt, graphs[-1]) if isinstance(rt.backend, OrtBackend) else {},
     }
     created = getattr(rt.backend, "session_seconds", {})
@@ -279,14 +274,16 @@ def _session_facts(rt: TerraMindRuntime, graph: str) -> dict[str, Any]:
     return {"providers": sess.get_providers(), "intra_op_num_threads": opts.intra_op_num_threads,
             "inter_op_num_threads": opts.inter_op_num_threads,
             "graph_optimization_level": str(opts.graph_optimization_level),
-            "execution_mode": str(opts.execution_mode), "allow_spinning": _config_entry(opts)}
+            "execution_mode": str(opts.execution_mode),
+            "allow_spinning": _config_entry(opts, "session.intra_op.allow_spinning", "default (1)"),
+            "force_spinning_stop": _config_entry(opts, "session.force_spinning_stop", "default (0)")}
 
 
-def _config_entry(opts: Any, key: str = "session.intra_op.allow_spinning") -> str:
+def _config_entry(opts: Any, key: str, default: str) -> str:
     try:
-        return opts.get_session_config_entry(key) or "default (1)"
+        return opts.get_session_config_entry(key) or default
     except Exception:  # not set: ORT's default applies
-        return "default (1)"
+        return default
 
 
 def _torch_phase(rt: TerraMindRuntime, names: list[str], config: EmbedBenchConfig, threads: int,

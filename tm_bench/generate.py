@@ -43,6 +43,7 @@ class GenerateBenchConfig:
     seed: int = 0
     backend: str = "ort-cpu"  # ort-cpu | ort-cuda | tensorrt | openvino
     precision: str | None = None  # openvino: fp32 | bf16 | fp16
+    ort_spinning: bool = False  # ort-cpu: backend_options spinning (spin-wait within a run)
 
 
 class TimingBackend:
@@ -180,7 +181,8 @@ def _stage_label(graph: str) -> str:
 def run_generate_benchmark(config: GenerateBenchConfig, log: Log = print) -> dict[str, Any]:
     threads = config.threads
     rt = TerraMindRuntime(config.export_dir, threads=threads, backend=runtime_backend(config.backend),
-                          backend_options=runtime_options(config.backend, config.precision, threads))
+                          backend_options=runtime_options(config.backend, config.precision, threads,
+                                                          config.ort_spinning))
     timing = TimingBackend(rt.backend, rt.manifest.decoder_graph)
     rt.backend = timing
     inputs = _inputs(rt, config.batch, config.seed)
@@ -214,6 +216,7 @@ def run_generate_benchmark(config: GenerateBenchConfig, log: Log = print) -> dic
         "command": "generate", "export_dir": str(config.export_dir), "outputs": outputs,
         "inputs": list(inputs), "timesteps": config.timesteps, "batch": config.batch, "iters": config.iters,
         "threads": threads, "backend": config.backend, "engine": engine_label(config.backend, config.precision),
+        "ort_spinning": config.ort_spinning,
         "precision": config.precision, "machine": machine_info(), "versions": versions(include_torch=config.compare_torch),
         "graph_calls_per_generate": calls,
         "ort": {"end_to_end": summarize(end_to_end),
@@ -257,7 +260,8 @@ def _device_section(rt: TerraMindRuntime, backend: Any, workload: Callable[[], o
 def format_generate_report(result: dict[str, Any]) -> str:
     lines = [f"tm-bench generate: {'+'.join(result['inputs'])} -> {'+'.join(result['outputs'])}, "
              f"T={result['timesteps']}, batch {result['batch']}, {result['iters']} timed runs, "
-             f"threads {result['threads'] or 'default'}"]
+             f"threads {result['threads'] or 'default'}"
+             f"{', ORT spinning within a run' if result.get('ort_spinning') else ''}"]
     e2e = result["ort"]["end_to_end"]
     lines.append(f"  {'stage (' + result.get('backend', 'ort-cpu') + ')':<40} {'p50 ms':>10} {'min ms':>10} {'share':>7}")
     total = e2e["p50"]

@@ -40,6 +40,7 @@ class PredictBenchConfig:
     gap_s: float = 0.05
     backend: str = "ort-cpu"  # ort-cpu | ort-cuda | tensorrt | openvino
     precision: str | None = None  # openvino: fp32 | bf16 | fp16
+    ort_spinning: bool = False  # ort-cpu: backend_options spinning (spin-wait within a run)
 
 
 def task_inputs(rt: TerraMindRuntime, batch: int, seed: int) -> dict[str, np.ndarray]:
@@ -94,7 +95,8 @@ def _runtime_phase(rt: TerraMindRuntime, inputs: dict[str, np.ndarray], warmup: 
 def run_predict_benchmark(config: PredictBenchConfig, log: Log = print) -> dict[str, Any]:
     threads = config.threads or machine.usable_cores()
     rt = TerraMindRuntime(config.export_dir, threads=threads, backend=runtime_backend(config.backend),
-                          backend_options=runtime_options(config.backend, config.precision, threads))
+                          backend_options=runtime_options(config.backend, config.precision, threads,
+                                                          config.ort_spinning))
     engine = engine_label(config.backend, config.precision)
     if rt.task is None:
         raise ValueError(f"{config.export_dir} has no task head; tm-bench predict needs an export made with "
@@ -107,7 +109,8 @@ def run_predict_benchmark(config: PredictBenchConfig, log: Log = print) -> dict[
                    "modalities": list(rt.task.modalities), "temporal": rt.manifest.data["task"]["temporal"],
                    "precision": rt.manifest.data.get("precision")},
         "settings": {"batches": config.batches, "warmup": config.warmup, "iters": config.iters, "threads": threads,
-                     "backend": config.backend, "engine": engine, "input_seed": config.seed, "interleave_gap_s": config.gap_s,
+                     "backend": config.backend, "engine": engine, "ort_spinning": config.ort_spinning,
+                     "input_seed": config.seed, "interleave_gap_s": config.gap_s,
                      "inputs": "standard normal, standardize=False (the graphs' view after standardisation)"},
         "runs": [],
     }
@@ -164,7 +167,9 @@ def format_predict_report(result: dict[str, Any]) -> str:
     engine = result["settings"]["engine"]
     lines = [f"tm-bench predict: {export['model']['name']} {export['task']} task on {engine}, "
              f"{' + '.join(export['modalities'])}{', temporal' if export['temporal'] else ''}; "
-             f"{result['settings']['threads']} threads, {result['machine'].get('cpu_model', '')}"]
+             f"{result['settings']['threads']} threads"
+             f"{', ORT spinning within a run' if result['settings'].get('ort_spinning') else ''}, "
+             f"{result['machine'].get('cpu_model', '')}"]
     for run in result["runs"]:
         lines.append(f"batch {run['batch']} (ms: p50 / p90)")
         for name, s in run["runtime"].items():

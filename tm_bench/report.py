@@ -57,6 +57,7 @@ def format_report(result: dict[str, Any]) -> str:
                    f"{', '.join(ov['optimization_capabilities'])}")
     out.append(f"threads {s['threads']} (ORT intra-op{', torch' if s['compare_torch'] else ''}, BLAS), "
                f"warm-up {s['warmup']}, iterations {s['iters']}; ORT allow_spinning {s['ort'].get('allow_spinning')}, "
+               f"force_spinning_stop {s['ort'].get('force_spinning_stop')}, "
                f"{s['ort'].get('graph_optimization_level')}")
     rates = ", ".join(f"{k} {v['gflops_best']:.1f}" for k, v in gemm.items()
                       if isinstance(v, dict) and "gflops_best" in v)

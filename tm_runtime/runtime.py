@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from .backends import OrtBackend
-from .backends.onnxruntime import ORT_OPTIONS
+from .backends.onnxruntime import ort_options
 from .context import EncoderContext, per_group
 from .coords import COORDS_TOKENIZER_FILE, CoordsTokenizer, autoregressive_decode
 from .decoder import DecoderGraphs
@@ -44,11 +44,8 @@ def make_backend(kind, paths, manifest, export_dir, providers, threads, profile_
     if kind != "ort" and providers:
         raise ValueError(f"providers= only applies to backend='ort', not {kind!r}")
     if kind == "ort":
-        unknown = sorted(set(options) - set(ORT_OPTIONS))
-        if unknown:
-            raise ValueError(f"backend_options for backend='ort' are {', '.join(ORT_OPTIONS)}; got {', '.join(unknown)}")
         return OrtBackend(paths, providers=providers, threads=threads, profile_prefix=profile_prefix,
-                          before_first_use=check, lean_memory=bool(options.get("lean_memory", False)))
+                          before_first_use=check, **ort_options(options))
     if kind == "ort-cuda":
         from .backends.ort_cuda import OrtCudaBackend
 
@@ -87,7 +84,10 @@ class TerraMindRuntime:
             ``backends.openvino.OpenVinoOptions``), or any object with ``run``.
         backend_options: for "ort", ``lean_memory`` (True: no per-session CPU arena and no
             pre-packed weight copies, ~10% less RSS with many graphs loaded, see BENCHMARKS.md
-            "Memory: large"); keyword arguments for the "ort-cuda" / "tensorrt" backends; for
+            "Memory: large") and ``spinning`` (True: intra-op threads spin-wait within a run and
+            stop at its end; a few % faster on a machine the runtime has to itself, slower when
+            other busy processes share the cores; off by default); keyword arguments for the
+            "ort-cuda" / "tensorrt" backends; for
             "openvino" device, precision, threads, cache_dir.
     """
 

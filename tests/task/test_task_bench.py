@@ -32,3 +32,14 @@ def test_bench_predict_refuses_a_backbone_export(tiny_export):
     from tm_bench.cli import main
 
     assert main(["predict", str(tiny_export), "--iters", "1"]) == 2
+
+
+def test_bench_predict_ort_spinning_is_recorded_and_only_for_ort_cpu(multi_case):
+    from tm_bench.cli import main
+    from tm_bench.predict import PredictBenchConfig, format_predict_report, run_predict_benchmark
+
+    result = run_predict_benchmark(PredictBenchConfig(multi_case.export, batches=[1], warmup=0, iters=1,
+                                                      ort_spinning=True), log=lambda s: None)
+    assert result["settings"]["ort_spinning"] is True
+    assert "ORT spinning within a run" in format_predict_report(result)
+    assert main(["predict", str(multi_case.export), "--iters", "1", "--ort-spinning", "--backend", "openvino"]) == 2

@@ -4,15 +4,34 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 
-# backend_options of backend="ort" (TerraMindRuntime).
-ORT_OPTIONS = ("lean_memory",)
+# backend_options of backend="ort" (TerraMindRuntime); both are on/off switches.
+ORT_OPTIONS = ("lean_memory", "spinning")
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def ort_options(options: Mapping[str, object]) -> dict[str, bool]:
+    """``backend_options`` of backend="ort" checked and read as booleans. Strings are accepted
+    because command lines pass them (``tm-run --backend-option spinning=true``): a plain
+    ``bool("false")`` would turn an option on."""
+    unknown = sorted(set(options) - set(ORT_OPTIONS))
+    if unknown:
+        raise ValueError(f"backend_options for backend='ort' are {', '.join(ORT_OPTIONS)}; got {', '.join(unknown)}")
+    flags = {}
+    for key in ORT_OPTIONS:
+        value = options.get(key, False)
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            value = value.strip().lower() in _TRUE
+        if not isinstance(value, bool):
+            raise ValueError(f"backend option {key} must be true or false, got {value!r}")
+        flags[key] = value
+    return flags
 
 
 def make_session_options(threads: int | None = None, profile_prefix: str | None = None,
@@ -22,12 +41,17 @@ def make_session_options(threads: int | None = None, profile_prefix: str | None 
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-    # Every graph has its own session and so its own intra-op pool. With spinning on (ORT's
-    # default), the pool of the graph that just ran keeps its workers busy-waiting while the
-    # next graph runs, and they take the cores it needs: on 2 cores the tiny encoder after the
-    # embed graphs ran 2-4x slower than with spinning off (see BENCHMARKS.md). Off by default.
-    if not spinning:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Every graph has its own session and so its own intra-op pool. With ORT's default spinning,
+    # the pool of the graph that just ran keeps its workers busy-waiting while the next graph
+    # runs, and they take the cores it needs: on 2 cores the tiny encoder after the embed graphs
+    # ran 2-4x slower than with spinning off (see BENCHMARKS.md). So spinning is off by default;
+    # spinning=True lets the workers spin between the parallel sections of one run (no sleep and
+    # wake-up per operator) and stops them at the end of the run, so no pool spins while another
+    # graph runs. That is 3-8% faster on a machine the runtime has to itself and 10-25% slower
+    # when another busy process shares the cores (BENCHMARKS.md, "Spinning within a run").
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    if spinning:
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
     # Every session keeps a CPU arena as large as its biggest run, and pre-packed copies of its
     # weights: with many graphs loaded (large, six outputs: 26 sessions) that is ~1 GB over the
     # files (BENCHMARKS.md, "Memory: large"). lean_memory gives both back.
