@@ -11,8 +11,10 @@ from .modalities import canonical_name
 PATCH_SIZE = 16
 
 
-def resolve_names(inputs: Mapping[str, object], available: Mapping[str, ModalityEntry]) -> dict[str, object]:
-    """Map user spellings to the export's modality names, keeping the caller's order."""
+def resolve_names(inputs: Mapping[str, object], available: Mapping[str, ModalityEntry],
+                  where: str = "--modalities") -> dict[str, object]:
+    """Map user spellings to the export's modality names, keeping the caller's order. ``where``:
+    what chose the exported modalities (the hint of the error for a modality not among them)."""
     if not isinstance(inputs, Mapping):
         raise TypeError(f"inputs must be a dict of modality name -> numpy array, got {type(inputs).__name__}")
     if len(inputs) == 0:
@@ -26,7 +28,7 @@ def resolve_names(inputs: Mapping[str, object], available: Mapping[str, Modality
         if name not in available:
             raise ValueError(
                 f"modality {name} was not exported (exported modalities: {', '.join(available)}); "
-                f"re-export with {name} in --modalities"
+                f"re-export with {name} in {where}"
             )
         if name in resolved:
             raise ValueError(f"modality {name} given twice (as {user_name!r} and another spelling)")

@@ -204,7 +204,8 @@ class TaskPipeline:
         ((B*T, C, H, W), date fastest, as terratorch flattens them); and B."""
         info = self.info
         available = {m: self.rt.manifest.modalities[m] for m in info.modalities}
-        resolved = resolve_names(inputs, available)
+        resolved = resolve_names(inputs, available, "the task config's backbone_modalities (and a model "
+                                                    "fine-tuned on it)")
         if info.merge_method == "concat":
             absent = [m for m in info.modalities if m not in resolved]
             if absent:

@@ -83,6 +83,14 @@ ARGS = "model.init_args.model_args"
     ("model.init_args.class_names", ["only one"], "model.init_args.class_names: 1 names for num_classes=2"),
     ("data.init_args.means.S1GRD", [-12.6], r"data.init_args.means.S1GRD: expected 2 values"),
     ("data.init_args.stds", _DELETE, "data.init_args.stds: missing"),
+    # wrongly typed values: an error naming the key, not a traceback from torch
+    (f"{ARGS}.head_channel_list", "x", f"{ARGS}.head_channel_list: expected a non-empty list of integers"),
+    (f"{ARGS}.head_channel_list", [16.5], f"{ARGS}.head_channel_list: expected a non-empty list of integers"),
+    (f"{ARGS}.num_classes", True, f"{ARGS}.num_classes: a segmentation task needs a positive integer, got True"),
+    (f"{ARGS}.rescale", "no", f"{ARGS}.rescale: expected true or false, got 'no'"),
+    # a misspelt modality among the statistics, when the model's modality then has none
+    ("data.init_args.means", {"S2L1c_typo": [0.0] * 13, "S1GRD": [0.0, 0.0]},
+     "data.init_args.means.S2L1c_typo: not a modality name, and the model's S2L1C has no statistics"),
 ])
 def test_unsupported_configs_name_the_key(path, value, match):
     config = _set(_floods(), path, value)
@@ -99,6 +107,7 @@ def test_unsupported_configs_name_the_key(path, value, match):
     ({"backbone_temporal_pooling": "diff", "backbone_temporal_subset_lengths": [1, 1, 1]},
      "diff pooling needs exactly two subsets"),
     ({"backbone_temporal_subset_lengths": [1, 1], "backbone_temporal_n_timestamps": 3}, "sum to 2"),
+    ({"backbone_temporal_n_timestamps": True}, "backbone_temporal_n_timestamps: expected a positive integer, got True"),
 ])
 def test_unsupported_temporal_settings(temporal, match):
     config = _floods()
@@ -190,9 +199,64 @@ def test_a_checkpoint_with_code_is_refused_and_never_run(tmp_path):
     marker = tmp_path / "ran"
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {"model.head.head.2.bias": torch.zeros(2)}, "hook": _Payload(marker)}, path)
-    with pytest.raises(CheckpointError, match="refusing to load.*could execute code"):
+    with pytest.raises(CheckpointError, match="refusing to load.*could execute code") as refused:
         read_task_checkpoint(path)
     assert not marker.exists()
+    assert "system" in str(refused.value)  # names what the file asked for, not torch's general advice
+    with pytest.raises(CheckpointError, match="is a directory; pass the .ckpt file in it"):
+        read_task_checkpoint(tmp_path)
+
+
+NECK_PLAIN = [{"name": "SelectIndices", "indices": [2, 5, 8, 11]}, {"name": "ReshapeTokensToImage"}]
+
+
+@pytest.mark.parametrize("args,match", [
+    ({"necks": [{"name": "SelectIndices", "indices": 3}]},
+     r"necks\[0\].indices: expected a non-empty list of integers"),
+    ({"necks": [{"name": "SelectIndices", "indices": [2, 20]}]}, r"necks\[0\].indices: \[20\] out of range for 12"),
+    ({"necks": NECK_PLAIN + [{"name": "PermuteDims"}]}, r"necks\[2\].new_order: PermuteDims needs new_order"),
+    ({"necks": NECK_PLAIN + [{"name": "InterpolateToPyramidal", "scale_factor": "x"}]},
+     r"necks\[2\].scale_factor: expected a positive integer, got 'x'"),
+    ({"necks": NECK_PLAIN, "decoder": "FCNDecoder", "decoder_in_index": 7},
+     "decoder_in_index: FCNDecoder with {'in_index': 7} failed .*IndexError"),
+    ({"necks": NECK_PLAIN, "decoder": "IdentityDecoder", "decoder_out_index": 9},
+     "decoder_out_index: IdentityDecoder with {'out_index': 9} failed .*IndexError"),
+])
+def test_bad_neck_and_decoder_values_name_the_key(args, match):
+    """Values that only fail once the modules are built: still a TaskConfigError naming the key."""
+    config = copy.deepcopy(_floods())
+    model_args = config["model"]["init_args"]["model_args"]
+    for key in ("decoder", "decoder_channels"):
+        model_args.pop(key, None)
+    model_args.update(args)
+    with pytest.raises(TaskConfigError, match=f"{ARGS}.{match}"):
+        build_task_model(parse_task_config(config))
+
+
+def test_config_is_compared_with_the_checkpoints_training_arguments():
+    """What weights cannot show (layers, merge, pooling) is compared with the hyper_parameters a
+    Lightning checkpoint keeps; settings without effect in eval mode are not."""
+    from tm_export.task.training_args import check_config_matches_training
+
+    config = _floods()
+    trained = copy.deepcopy(config["model"]["init_args"])
+    check_config_matches_training(config, trained, "c.ckpt")
+    check_config_matches_training(config, None, "c.ckpt")  # a plain state_dict: nothing to compare
+    relaxed = copy.deepcopy(trained)
+    relaxed["model_args"].update(backbone_pretrained=True, head_dropout=0.5)
+    relaxed["model_args"]["necks"][0]["indices"] = tuple(relaxed["model_args"]["necks"][0]["indices"])
+    check_config_matches_training(config, relaxed, "c.ckpt")
+    for edit, match in [
+        (lambda a: a.update(backbone_merge_method="max"), r"model_args.backbone_merge_method: the checkpoint c.ckpt "
+                                                          r"was trained with 'max' .*this config has 'mean'"),
+        (lambda a: a["necks"][0].update(indices=[1, 4, 7, 10]), r"model_args.necks\[0\].indices\[0\]: .* with 1 "),
+        (lambda a: a.update(backbone_temporal_pooling="max"),
+         "model_args.backbone_temporal_pooling: .* 'max' .* nothing"),
+    ]:
+        changed = copy.deepcopy(trained)
+        edit(changed["model_args"])
+        with pytest.raises(TaskConfigError, match=f"model.init_args.{match}"):
+            check_config_matches_training(config, changed, "c.ckpt")
 
 
 @pytest.mark.parametrize("edit,match", [
@@ -232,3 +296,19 @@ def test_cli_reports_a_mismatched_checkpoint_and_writes_nothing(floods_model, tm
     assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
     assert main(["--task-config", str(tmp_path / "c.yaml"), "--model", "tiny", "--out", str(out)]) == 1
     assert "--model cannot be combined with --task-config" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_config_the_checkpoint_was_not_trained_with(floods_model, tmp_path, capsys):
+    """Same shapes, other merge method: the weights load, the Lightning hyper_parameters tell."""
+    from tm_export.cli import main
+    import yaml
+
+    trained = _floods()
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(_set(trained, f"{ARGS}.backbone_merge_method", "max")))
+    torch.save({"state_dict": {f"model.{k}": v for k, v in task_state(floods_model).items()},
+                "hyper_parameters": copy.deepcopy(trained["model"]["init_args"])}, tmp_path / "w.ckpt")
+    out = tmp_path / "out"
+    assert main(["--task-config", str(tmp_path / "c.yaml"), "--ckpt", str(tmp_path / "w.ckpt"),
+                 "--out", str(out)]) == 1
+    assert "backbone_merge_method: the checkpoint" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))

@@ -80,3 +80,46 @@ def test_head_variant_matches_terratorch(name, tmp_path):
     entry = export_graph(head_spec(ours), tmp_path, ExportConfig(size="tiny", modalities=["S2L2A"], out=tmp_path),
                          log=lambda s: None)
     assert entry["validation"]["passed"], entry["validation"]
+
+
+def test_regression_task_end_to_end_and_a_failed_re_export(tmp_path):
+    """A regression task from a Lightning checkpoint through tm-export and ``predict``: terratorch's
+    output, (B, 1, H, W) float32, and no classes or probabilities. Then a re-export that fails its
+    validation (--rtol 1e-12) over it: the existing export stays as it was, no temp dir is left."""
+    import hashlib
+
+    import torch
+    import yaml
+
+    from tm_export.cli import main
+    from tm_runtime import TerraMindRuntime
+
+    from .terratorch_side import save_like_fit
+
+    config = variant_config("regression_unet_scse")
+    task = build_task(config)
+    randomize_all(task.model, seed=31)
+    task.eval()
+    ckpt = save_like_fit(task, tmp_path / "last.ckpt")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "export"
+    argv = ["--task-config", str(tmp_path / "config.yaml"), "--ckpt", str(ckpt), "--out", str(out)]
+    assert main(argv) == 0
+
+    rt = TerraMindRuntime(out)
+    assert rt.task.type == "regression" and rt.task.num_outputs == 1
+    x = np.random.default_rng(1).standard_normal((2, 12, 224, 224)).astype(np.float32)
+    got = rt.predict({"S2L2A": x}, standardize=False)
+    with torch.no_grad():
+        want = task({"S2L2A": torch.from_numpy(x)}).output.numpy()
+    assert got.shape == (2, 1, 224, 224) and got.dtype == np.float32
+    assert rel_error(got, want.reshape(got.shape)) <= 1e-4
+    for output in ("classes", "probabilities"):
+        with pytest.raises(ValueError, match=f"output='{output}' is for segmentation"):
+            rt.predict({"S2L2A": x}, standardize=False, output=output)
+
+    before = hashlib.sha256((out / "manifest.json").read_bytes()).hexdigest()
+    assert main(argv + ["--overwrite", "--rtol", "1e-12"]) == 1
+    assert hashlib.sha256((out / "manifest.json").read_bytes()).hexdigest() == before
+    assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
+    assert TerraMindRuntime(out).predict({"S2L2A": x}, standardize=False).shape == (2, 1, 224, 224)

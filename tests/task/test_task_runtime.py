@@ -109,7 +109,8 @@ def test_outputs(multi_rt):
 
 
 @pytest.mark.parametrize("inputs,standardize,match", [
-    (lambda x: {**x, "S2L1C": x["S2L2A"]}, False, "modality S2L1C was not exported"),
+    (lambda x: {**x, "S2L1C": x["S2L2A"]}, False,
+     "modality S2L1C was not exported .* task config's backbone_modalities"),
         (lambda x: {**x, "S3OLCI": x["S2L2A"]}, False, "unknown modality 'S3OLCI'"),
     (lambda x: {"S2L2A": x["S2L2A"]}, False, "needs all of S2L2A, S1GRD; missing: S1GRD"),
     (lambda x: {**x, "S2L2A": x["S2L2A"][:, :, 0]}, False, r"S2L2A: this temporal model takes \(batch, 4, dates"),
@@ -158,3 +159,22 @@ def test_predict_without_statistics_in_the_config(multi_rt, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="no standardisation: the task config's data: section gives no means/stds"):
         TerraMindRuntime(copy).predict(multi_inputs())
+
+
+@pytest.mark.parametrize("dates", [2, 4])
+def test_concat_pooling_needs_exactly_n_timestamps_dates(multi_rt, tmp_path, dates):
+    """A model whose temporal wrapper concatenates n_timestamps dates refuses any other count,
+    before any graph runs (the manifest of the temporal export, pooling set to concat)."""
+    import json
+    import shutil
+
+    from tm_runtime import TerraMindRuntime
+
+    copy = tmp_path / "export"
+    shutil.copytree(multi_rt.manifest.directory, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["task"]["temporal"] = {"pooling": "concat", "n_timestamps": 3, "subset_lengths": None}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    x = {m: np.zeros((1, v.shape[1], dates, 224, 224), np.float32) for m, v in multi_inputs().items()}
+    with pytest.raises(ValueError, match=f"{dates} dates, but this model concatenates exactly 3"):
+        TerraMindRuntime(copy).predict(x, standardize=False)

@@ -156,6 +156,9 @@ def test_tim_predict_is_seeded(tim_case):
     first = rt.predict(raw, seed=7)
     np.testing.assert_array_equal(first, rt.predict(raw, seed=7))
     assert not np.array_equal(first, rt.predict(raw, seed=8, tim_top_p=1.0))
+    # top-k 1 leaves one token to draw: whatever the seed and temperature, that is temperature 0's argmax
+    np.testing.assert_array_equal(rt.predict(raw, seed=3, tim_top_k=1, tim_top_p=1.0),
+                                  rt.predict(raw, tim_temperature=0.0))
     with pytest.raises(ValueError, match="tim_temperature"):
         rt.predict(raw, tim_temperature=-1.0)
     with pytest.raises(ValueError, match="tim_decoding_steps"):

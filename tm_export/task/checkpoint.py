@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 TASK_PARTS = ("encoder", "neck", "decoder", "head", "aux_heads")
+TRAINING_ARGS = "hyper_parameters"  # key of read_task_checkpoint's facts; not JSON, not for the manifest
 
 
 class CheckpointError(RuntimeError):
@@ -24,21 +25,35 @@ def _load_pickle(path: Path) -> object:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # weights_only refuses any global outside its allow-list (e.g. os.system, a custom class).
-        detail = str(exc).split("Unsupported global:")[-1].strip().splitlines()[0] if "Unsupported global" in str(exc) \
-            else str(exc).splitlines()[0]
         raise CheckpointError(
             f"{path}: refusing to load: the pickle needs Python objects beyond tensors and plain containers "
-            f"({detail}); unpickling it could execute code from the file. If you trust the file, re-save its "
-            "weights alone: torch.save(torch.load(PATH, weights_only=False)['state_dict'], 'weights.pt')"
+            f"({_refused_object(str(exc))}); unpickling it could execute code from the file. If you trust the "
+            "file, re-save its weights alone: ckpt = torch.load(PATH, weights_only=False); "
+            "torch.save(ckpt.get('state_dict', ckpt), 'weights.pt')"
         ) from None
     except Exception as exc:  # torch raises several types for files that are not checkpoints
         raise CheckpointError(f"{path}: not a torch checkpoint ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
 
 
+def _refused_object(message: str) -> str:
+    """The line of torch's refusal that names what the file asked for (torch's wording has
+    changed between releases; its first line is general advice, not the reason)."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    for marker in ("Unsupported global:", "unsupported GLOBAL", "Unsupported operand", "Unsupported class"):
+        for line in lines:
+            if marker in line:
+                return line.split("Unsupported global:")[-1].strip()
+    return lines[0] if lines else "no detail given"
+
+
 def read_task_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(task-model state_dict with keys ``encoder.* / neck.* / decoder.* / head.*``, facts about the file)."""
+    """(task-model state_dict with keys ``encoder.* / neck.* / decoder.* / head.*``, facts about the file;
+    a Lightning checkpoint's ``hyper_parameters`` under ``TRAINING_ARGS``)."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory; pass the .ckpt file in it (terratorch fit "
+                              "writes e.g. checkpoints/last.ckpt)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     info: dict = {}
@@ -55,6 +70,8 @@ def read_task_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
         for key in ("epoch", "global_step", "pytorch-lightning_version"):
             if isinstance(raw.get(key), (int, str)):
                 info[key.replace("-", "_")] = raw[key]
+        if isinstance(raw.get("hyper_parameters"), dict):  # the task's __init__ arguments, as trained
+            info[TRAINING_ARGS] = raw["hyper_parameters"]
         raw = raw["state_dict"]
     if not isinstance(raw, dict) or not raw:
         raise CheckpointError(f"{path}: holds a {type(raw).__name__}, not a state_dict of a task model")

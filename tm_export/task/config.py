@@ -176,6 +176,10 @@ def _mapping(value: object, key: str) -> dict:
     return value
 
 
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1  # YAML's true is no count
+
+
 def _int_list(value: object, key: str) -> list[int]:
     if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, int) and not isinstance(v, bool)
                                                                     for v in value):
@@ -275,6 +279,8 @@ def _parse_model_args(args: dict, task_type: str, task_class: str) -> dict:
     unknown = sorted(set(head_args) - HEAD_ARGS[task_type])
     if unknown:
         raise TaskConfigError(f"{where}.head_{unknown[0]}: the {task_type} head takes no argument {unknown[0]!r}")
+    if head_args.get("channel_list") is not None:
+        _int_list(head_args["channel_list"], f"{where}.head_channel_list")
     if task_type == "regression" and head_args.get("final_act") is not None:
         act = _short(head_args["final_act"])
         if act not in FINAL_ACTIVATIONS:
@@ -285,7 +291,7 @@ def _parse_model_args(args: dict, task_type: str, task_class: str) -> dict:
     num_classes = args.pop("num_classes", None)
     num_outputs = args.pop("num_outputs", None)
     if task_type == "segmentation":
-        if not isinstance(num_classes, int) or num_classes < 1:
+        if not _positive_int(num_classes):
             raise TaskConfigError(f"{where}.num_classes: a segmentation task needs a positive integer, got "
                                   f"{num_classes!r}")
         if num_outputs is not None:
@@ -294,9 +300,11 @@ def _parse_model_args(args: dict, task_type: str, task_class: str) -> dict:
         if num_classes is not None:
             raise TaskConfigError(f"{where}.num_classes: a regression task takes num_outputs, not num_classes")
         num_outputs = 1 if num_outputs is None else num_outputs
-        if not isinstance(num_outputs, int) or num_outputs < 1:
+        if not _positive_int(num_outputs):
             raise TaskConfigError(f"{where}.num_outputs: expected a positive integer, got {num_outputs!r}")
     rescale = args.pop("rescale", True)
+    if not isinstance(rescale, bool):
+        raise TaskConfigError(f"{where}.rescale: expected true or false, got {rescale!r}")
     size_out = args.pop("image_size_out", None)
     if size_out is not None:
         size_out = tuple(_int_list(size_out, f"{where}.image_size_out"))
@@ -419,7 +427,7 @@ def _parse_temporal(backbone_args: dict) -> TemporalSpec | None:
     if pooling not in TEMPORAL_POOLINGS:
         raise TaskConfigError(f"{where}_pooling: {pooling!r} is not supported (choose one of "
                               f"{', '.join(TEMPORAL_POOLINGS)}; 'keep' returns 5-D features no decoder here takes)")
-    if n is not None and (not isinstance(n, int) or n < 1):
+    if n is not None and not _positive_int(n):
         raise TaskConfigError(f"{where}_n_timestamps: expected a positive integer, got {n!r}")
     if subsets is not None:
         subsets = tuple(_int_list(subsets, f"{where}_subset_lengths"))
@@ -497,12 +505,16 @@ def _parse_standardization(data: object, modalities: tuple[str, ...], bands: dic
                                   "per modality ({S2L2A: [...], S1GRD: [...]})")
         means, stds = {modalities[0]: means}, {modalities[0]: stds}
     out_mean, out_std = {}, {}
-    by_name = {}
+    by_name, not_modalities = {}, []
     for key in means:
         try:
             by_name[canonical_name(str(key))] = key
         except ValueError:
-            continue  # statistics of a modality the model does not read
+            not_modalities.append(key)  # another datamodule's key, or a misspelt modality
+    lacking = [mod for mod in modalities if mod not in by_name]
+    if lacking and not_modalities:
+        raise TaskConfigError(f"{DATA_ARGS}.means.{not_modalities[0]}: not a modality name, and the model's "
+                              f"{', '.join(lacking)} has no statistics (misspelt?)")
     for mod in modalities:
         if mod not in by_name:
             continue  # predict(standardize=True) names the modality without statistics

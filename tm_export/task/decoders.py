@@ -248,5 +248,9 @@ DECODER_CLASSES = {"UNetDecoder": UNetDecoder, "UperNetDecoder": UperNetDecoder,
 def build_decoder(name: str, channels: list[int], args: dict) -> nn.Module:
     try:
         return DECODER_CLASSES[name](channels, **args)
-    except TypeError as exc:  # a wrongly typed argument
-        raise TaskConfigError(f"{WHERE}.decoder_*: {name}({args}) failed: {exc}") from exc
+    except TaskConfigError:
+        raise
+    except (TypeError, ValueError, IndexError, KeyError) as exc:  # a wrongly typed or out-of-range argument
+        keys = ", ".join(f"decoder_{k}" for k in args) or "decoder"
+        raise TaskConfigError(f"{WHERE}.{keys}: {name} with {args} failed on backbone features of "
+                              f"{channels} channels ({type(exc).__name__}: {exc})") from exc

@@ -24,10 +24,11 @@ from ..graphs import BATCH, GraphSpec, TensorDecl, embedding_specs, encoder_spec
 from ..precision import check_precision
 from ..tim import mark_tim_only_targets, tim_manifest
 from ..winograd import TILE_SIZES, winograd_copy
-from .checkpoint import read_task_checkpoint
+from .checkpoint import TRAINING_ARGS, read_task_checkpoint
 from .config import TaskSpec, load_yaml, parse_task_config
 from .model import TaskModel, build_task_model, load_task_state, randomize_task_model
 from .tim import tim_graph_specs
+from .training_args import check_config_matches_training
 
 HEAD_GRAPH = "head"
 TASK_CONFIG_FILE = "task_config.yaml"
@@ -143,7 +144,8 @@ def task_section(spec: TaskSpec, model: TaskModel, image_size: int, tim_section:
 
 def prepare_task_model(config: TaskExportConfig, log: Callable[[str], None] = print) -> tuple[TaskModel, dict]:
     """Parse the config, build the reference and load the weights (or randomise them)."""
-    spec = parse_task_config(load_yaml(config.task_config), source=str(config.task_config))
+    raw_config = load_yaml(config.task_config)
+    spec = parse_task_config(raw_config, source=str(config.task_config))
     if config.random_init:
         model = build_task_model(spec, config.image_size, seed=config.seed)
         randomize_task_model(model, config.seed)
@@ -154,11 +156,13 @@ def prepare_task_model(config: TaskExportConfig, log: Callable[[str], None] = pr
         raise ExportError("--task-config needs --ckpt CHECKPOINT (what terratorch fit wrote), or --random-init")
     log(f"weights: {config.ckpt}")
     state, facts = read_task_checkpoint(config.ckpt)
+    trained = facts.pop(TRAINING_ARGS, None)
     if spec.tim is not None:  # the TiM backbone loads as it is built (both of its models)
         model = build_task_model(spec, config.image_size, tim_state=state, source=str(config.ckpt))
     else:
         model = build_task_model(spec, config.image_size)
-    load_task_state(model, state, str(config.ckpt))
+    load_task_state(model, state, str(config.ckpt))  # keys and shapes first: their errors are the sharper ones
+    check_config_matches_training(raw_config, trained, str(config.ckpt))
     return model, {"random_init": False, "source": "file", "file": Path(config.ckpt).name,
                    "sha256": sha256_file(config.ckpt), "task_checkpoint": facts}
 

@@ -50,10 +50,17 @@ class TaskHead(nn.Module):
         # only those become graph inputs; the others are zero placeholders the exporter prunes.
         self.used = list(range(len(selected)))
         self.decoder = build_decoder(spec.decoder, channels, dict(spec.decoder_args))
-        if spec.task_type == "segmentation":
-            self.head = SegmentationHead(self.decoder.out_channels, spec.num_classes, **spec.head_args)
-        else:
-            self.head = RegressionHead(self.decoder.out_channels, spec.num_outputs, **spec.head_args)
+        try:
+            if spec.task_type == "segmentation":
+                self.head = SegmentationHead(self.decoder.out_channels, spec.num_classes, **spec.head_args)
+            else:
+                self.head = RegressionHead(self.decoder.out_channels, spec.num_outputs, **spec.head_args)
+        except TaskConfigError:
+            raise
+        except (TypeError, ValueError, RuntimeError) as exc:
+            keys = ", ".join(f"head_{k}" for k in spec.head_args) or "head"
+            raise TaskConfigError(f"model.init_args.model_args.{keys}: the {spec.task_type} head with "
+                                  f"{spec.head_args} failed ({type(exc).__name__}: {exc})") from exc
         self.rescale = spec.rescale
         self.size_out = spec.image_size_out
         self.output_shape = self._probe()

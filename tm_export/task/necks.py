@@ -109,13 +109,43 @@ class PermuteDims(nn.Module):
 
 
 def build_neck(spec: NeckSpec, channels: list[int], grid: tuple[int, int], position: int) -> nn.Module:
-    """One neck from its config entry; errors name ``necks[position]``."""
-    args = dict(spec.args)
+    """One neck from its config entry; every error names ``necks[position]`` and, where it can,
+    the argument (a wrongly typed value too, not only the checks below)."""
     where = f"model.init_args.model_args.necks[{position}]"
+    try:
+        return _build_neck(spec, dict(spec.args), channels, grid, where)
+    except TaskConfigError as exc:
+        message = str(exc)
+        if message.startswith("model."):
+            raise
+        own = f"{spec.name}."  # the neck classes' own messages: "SelectIndices.indices: ..."
+        raise TaskConfigError(f"{where}.{message[len(own):]}" if message.startswith(own) else f"{where}: {message}") \
+            from exc
+    except (TypeError, ValueError, KeyError, IndexError) as exc:
+        raise TaskConfigError(f"{where}: {spec.name} with {dict(spec.args)} failed ({type(exc).__name__}: {exc})") \
+            from exc
+
+
+def _int_arg(args: dict, key: str, default: int, where: str) -> int:
+    value = args.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise TaskConfigError(f"{where}.{key}: expected a positive integer, got {value!r}")
+    return value
+
+
+def _index_list(args: dict, key: str, name: str, where: str) -> list[int]:
+    if key not in args:
+        raise TaskConfigError(f"{where}.{key}: {name} needs {key}")
+    value = args[key]
+    if not isinstance(value, (list, tuple)) or not value or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in value):
+        raise TaskConfigError(f"{where}.{key}: expected a non-empty list of integers, got {value!r}")
+    return list(value)
+
+
+def _build_neck(spec: NeckSpec, args: dict, channels: list[int], grid: tuple[int, int], where: str) -> nn.Module:
     if spec.name == "SelectIndices":
-        if "indices" not in args:
-            raise TaskConfigError(f"{where}.indices: SelectIndices needs indices")
-        return SelectIndices(channels, list(args["indices"]))
+        return SelectIndices(channels, _index_list(args, "indices", spec.name, where))
     if spec.name == "ReshapeTokensToImage":
         if args.get("effective_time_dim", 1) != 1:
             raise TaskConfigError(f"{where}.effective_time_dim: only 1 is supported (TerraMind's tokens are one grid)")
@@ -131,11 +161,11 @@ def build_neck(spec: NeckSpec, channels: list[int], grid: tuple[int, int], posit
         mode = args.get("mode", "nearest")
         if mode not in ("nearest", "bilinear"):
             raise TaskConfigError(f"{where}.mode: {mode!r} is not supported (nearest, bilinear)")
-        return InterpolateToPyramidal(channels, int(args.get("scale_factor", 2)), mode)
+        return InterpolateToPyramidal(channels, _int_arg(args, "scale_factor", 2, where), mode)
     if spec.name == "MaxpoolToPyramidal":
-        return MaxpoolToPyramidal(channels, int(args.get("kernel_size", 2)))
+        return MaxpoolToPyramidal(channels, _int_arg(args, "kernel_size", 2, where))
     if spec.name == "AddBottleneckLayer":
         return AddBottleneckLayer(channels)
     if spec.name == "PermuteDims":
-        return PermuteDims(channels, args["new_order"])
+        return PermuteDims(channels, _index_list(args, "new_order", spec.name, where))
     raise TaskConfigError(f"{where}.name: {spec.name!r} is not supported")
