@@ -180,7 +180,7 @@ def _positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1  # YAML's true is no count
 
 
-def _int_list(value: object, key: str) -> list[int]:
+def int_list(value: object, key: str) -> list[int]:
     if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, int) and not isinstance(v, bool)
                                                                     for v in value):
         raise TaskConfigError(f"{key}: expected a non-empty list of integers, got {value!r}")
@@ -280,7 +280,7 @@ def _parse_model_args(args: dict, task_type: str, task_class: str) -> dict:
     if unknown:
         raise TaskConfigError(f"{where}.head_{unknown[0]}: the {task_type} head takes no argument {unknown[0]!r}")
     if head_args.get("channel_list") is not None:
-        _int_list(head_args["channel_list"], f"{where}.head_channel_list")
+        int_list(head_args["channel_list"], f"{where}.head_channel_list")
     if task_type == "regression" and head_args.get("final_act") is not None:
         act = _short(head_args["final_act"])
         if act not in FINAL_ACTIVATIONS:
@@ -307,7 +307,7 @@ def _parse_model_args(args: dict, task_type: str, task_class: str) -> dict:
         raise TaskConfigError(f"{where}.rescale: expected true or false, got {rescale!r}")
     size_out = args.pop("image_size_out", None)
     if size_out is not None:
-        size_out = tuple(_int_list(size_out, f"{where}.image_size_out"))
+        size_out = tuple(int_list(size_out, f"{where}.image_size_out"))
         if len(size_out) != 2:
             raise TaskConfigError(f"{where}.image_size_out: expected [height, width], got {list(size_out)}")
     for key in ("peft_config", "aux_decoders"):
@@ -430,7 +430,7 @@ def _parse_temporal(backbone_args: dict) -> TemporalSpec | None:
     if n is not None and not _positive_int(n):
         raise TaskConfigError(f"{where}_n_timestamps: expected a positive integer, got {n!r}")
     if subsets is not None:
-        subsets = tuple(_int_list(subsets, f"{where}_subset_lengths"))
+        subsets = tuple(int_list(subsets, f"{where}_subset_lengths"))
         if n is not None and sum(subsets) != n:
             raise TaskConfigError(f"{where}_subset_lengths: they sum to {sum(subsets)}, n_timestamps is {n}")
         if pooling == "diff" and len(subsets) != 2:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import NeckSpec, TaskConfigError
+from .config import NeckSpec, TaskConfigError, int_list
 
 Features = list[torch.Tensor]
 
@@ -136,11 +136,7 @@ def _int_arg(args: dict, key: str, default: int, where: str) -> int:
 def _index_list(args: dict, key: str, name: str, where: str) -> list[int]:
     if key not in args:
         raise TaskConfigError(f"{where}.{key}: {name} needs {key}")
-    value = args[key]
-    if not isinstance(value, (list, tuple)) or not value or not all(
-            isinstance(i, int) and not isinstance(i, bool) for i in value):
-        raise TaskConfigError(f"{where}.{key}: expected a non-empty list of integers, got {value!r}")
-    return list(value)
+    return int_list(args[key], f"{where}.{key}")
 
 
 def _build_neck(spec: NeckSpec, args: dict, channels: list[int], grid: tuple[int, int], where: str) -> nn.Module:
