@@ -47,9 +47,9 @@ def make_session_options(threads: int | None = None, profile_prefix: str | None 
     # ran 2-4x slower than with spinning off (see BENCHMARKS.md). So spinning is off by default;
     # spinning=True lets the workers spin between the parallel sections of one run (no sleep and
     # wake-up per operator) and stops them at the end of the run, so no pool spins while another
-    # graph runs. That is ~3% faster on a quiet machine the runtime has to itself (up to 8% on a
-    # busy VM) and 10-25% slower when another busy process shares the cores (BENCHMARKS.md,
-    # "Spinning within a run").
+    # graph runs. Where the runtime has the cores to itself that helps short operators (tiny embed
+    # 17%, base predict ~3% on a 2-core Xeon; nothing on a slower AVX2 EPYC); beside another busy
+    # process it costs 10% to 2x (BENCHMARKS.md, "Spinning within a run").
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     if spinning:
         opts.add_session_config_entry("session.force_spinning_stop", "1")
