@@ -312,3 +312,27 @@ def test_cli_refuses_a_config_the_checkpoint_was_not_trained_with(floods_model, 
                  "--out", str(out)]) == 1
     assert "backbone_merge_method: the checkpoint" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_weights_of_another_backbone_are_named_by_the_training_record(floods_model, tmp_path, capsys):
+    """Keys and shapes do not fit (a tiny checkpoint, a small config): where the checkpoint says how
+    it was trained, the error names the setting that differs, not the first odd key."""
+    from tm_export.cli import main
+    import yaml
+
+    trained = _floods()
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(_set(trained, f"{ARGS}.backbone", "terramind_v1_small")))
+    weights = {f"model.{k}": v for k, v in task_state(floods_model).items()}
+    torch.save({"state_dict": weights, "hyper_parameters": copy.deepcopy(trained["model"]["init_args"])},
+               tmp_path / "fit.ckpt")
+    out = tmp_path / "out"
+    assert main(["--task-config", str(tmp_path / "c.yaml"), "--ckpt", str(tmp_path / "fit.ckpt"),
+                 "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "model.init_args.model_args.backbone: the checkpoint" in err
+    assert "'terramind_v1_tiny'" in err and "'terramind_v1_small'" in err
+    assert not out.exists()
+    torch.save(weights, tmp_path / "plain.ckpt")  # no record: the weights' own error
+    assert main(["--task-config", str(tmp_path / "c.yaml"), "--ckpt", str(tmp_path / "plain.ckpt"),
+                 "--out", str(out)]) == 1
+    assert "model.encoder." in capsys.readouterr().err

@@ -24,8 +24,8 @@ from ..graphs import BATCH, GraphSpec, TensorDecl, embedding_specs, encoder_spec
 from ..precision import check_precision
 from ..tim import mark_tim_only_targets, tim_manifest
 from ..winograd import TILE_SIZES, winograd_copy
-from .checkpoint import TRAINING_ARGS, read_task_checkpoint
-from .config import TaskSpec, load_yaml, parse_task_config
+from .checkpoint import TRAINING_ARGS, CheckpointError, read_task_checkpoint
+from .config import TaskConfigError, TaskSpec, load_yaml, parse_task_config
 from .model import TaskModel, build_task_model, load_task_state, randomize_task_model
 from .tim import tim_graph_specs
 from .training_args import check_config_matches_training
@@ -157,12 +157,21 @@ def prepare_task_model(config: TaskExportConfig, log: Callable[[str], None] = pr
     log(f"weights: {config.ckpt}")
     state, facts = read_task_checkpoint(config.ckpt)
     trained = facts.pop(TRAINING_ARGS, None)
-    if spec.tim is not None:  # the TiM backbone loads as it is built (both of its models)
-        model = build_task_model(spec, config.image_size, tim_state=state, source=str(config.ckpt))
-    else:
-        model = build_task_model(spec, config.image_size)
-    load_task_state(model, state, str(config.ckpt))  # keys and shapes first: their errors are the sharper ones
-    check_config_matches_training(raw_config, trained, str(config.ckpt))
+    source = str(config.ckpt)
+    try:
+        if spec.tim is not None:  # the TiM backbone loads as it is built (both of its models)
+            model = build_task_model(spec, config.image_size, tim_state=state, source=source)
+        else:
+            model = build_task_model(spec, config.image_size)
+        load_task_state(model, state, source)
+    except (TaskConfigError, CheckpointError):
+        # The weights do not fit the config. Where the checkpoint records how it was trained, the
+        # setting that differs (another backbone, modality or temporal wrapper) says more than the
+        # first odd key; without such a record, or if none differs, the key's error stands.
+        check_config_matches_training(raw_config, trained, source)
+        raise
+    # Same keys and shapes: settings that change no shape (layers, merge, pooling) can still differ.
+    check_config_matches_training(raw_config, trained, source)
     return model, {"random_init": False, "source": "file", "file": Path(config.ckpt).name,
                    "sha256": sha256_file(config.ckpt), "task_checkpoint": facts}
 
