@@ -132,6 +132,10 @@ class TerraMindRuntime:
     def task(self) -> TaskInfo | None:
         """What a fine-tuned export (``tm-export --task-config``) predicts; None for a backbone export."""
         if self._task is None and self.manifest.data.get("task"):
+            if self._verify and "task_config" in self.manifest.data.get("files", {}):
+                # Nothing here reads the config (the manifest holds its facts), but it is the record of
+                # what was exported: a copy edited after export would mislead whoever reads it.
+                self.manifest.verify(files=["task_config"])
             self._task = TaskInfo.from_manifest(self.manifest.data["task"])
         return self._task
 

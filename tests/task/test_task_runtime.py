@@ -161,6 +161,23 @@ def test_predict_without_statistics_in_the_config(multi_rt, tmp_path):
         TerraMindRuntime(copy).predict(multi_inputs())
 
 
+def test_an_edited_task_config_is_refused(multi_rt, tmp_path):
+    """The config travels with the export as its record, sha256-checked like the graphs (ONNX Runtime
+    reads no graph before its first run, so the check is on rt.task)."""
+    import shutil
+
+    from tm_runtime import TerraMindRuntime
+    from tm_runtime.manifest import ManifestError
+
+    copy = tmp_path / "export"
+    shutil.copytree(multi_rt.manifest.directory, copy)
+    with (copy / "task_config.yaml").open("a") as f:
+        f.write("# edited\n")
+    with pytest.raises(ManifestError, match="task_config.yaml has sha256"):
+        TerraMindRuntime(copy).predict(multi_inputs())
+    assert TerraMindRuntime(copy, verify=False).task is not None
+
+
 @pytest.mark.parametrize("dates", [2, 4])
 def test_concat_pooling_needs_exactly_n_timestamps_dates(multi_rt, tmp_path, dates):
     """A model whose temporal wrapper concatenates n_timestamps dates refuses any other count,
