@@ -314,6 +314,19 @@ def test_cli_refuses_a_config_the_checkpoint_was_not_trained_with(floods_model, 
     assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
 
 
+def test_export_warns_when_the_config_has_no_statistics(tmp_path, capsys):
+    """The export works (standardize=False inputs), but the default predict would refuse: say so now."""
+    from tm_export.cli import main
+    import yaml
+
+    config = _set(_floods(), "data.init_args.means", {"S2L1C": _floods()["data"]["init_args"]["means"]["S2L1C"]})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert main(["--task-config", str(tmp_path / "c.yaml"), "--random-init", "--no-validate",
+                 "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr()
+    assert "gives no means/stds for S1GRD: predict(standardize=True)" in printed.out + printed.err
+
+
 def test_weights_of_another_backbone_are_named_by_the_training_record(floods_model, tmp_path, capsys):
     """Keys and shapes do not fit (a tiny checkpoint, a small config): where the checkpoint says how
     it was trained, the error names the setting that differs, not the first odd key."""

@@ -191,6 +191,12 @@ def export_task(config: TaskExportConfig, log: Callable[[str], None] = print) ->
     start = time.perf_counter()
     model, weights = prepare_task_model(config, log)
     spec = model.spec
+    stats = spec.standardization.mean if spec.standardization else {}
+    lacking = [mod for mod in spec.modalities if mod not in stats]
+    if lacking:  # not an error: standardised inputs with standardize=False still work
+        log(f"WARNING: the config's data: section gives no means/stds for {', '.join(lacking)}: "
+            "predict(standardize=True), the default, will refuse them; pass standardised arrays with "
+            "standardize=False, or add the statistics to the config and export again")
     unknown = sorted(set(config.tile_scale) - set(spec.modalities))
     if unknown:
         raise ExportError(f"--tile-scale names {', '.join(unknown)}, which the task config does not take "
