@@ -100,6 +100,8 @@ class TimOptions:
                              "export's TiM is unchained (tim_chained_generations=False)")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
             raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+        if seed is not None and seed < 0:  # numpy's own message would not name the argument
+            raise ValueError(f"seed must be a non-negative int or None, got {seed}")
         return options
 
 

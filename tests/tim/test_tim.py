@@ -192,6 +192,7 @@ def test_several_decoding_steps_extension(rt):
     ({"tim_top_k": 0.5}, TypeError, "top_k must be an int"),
     ({"tim_decoding_steps": 0}, ValueError, "tim_decoding_steps must be an int >= 1"),
     ({"seed": "7"}, TypeError, "seed must be an int"),
+    ({"seed": -1}, ValueError, "seed must be a non-negative int or None, got -1"),
 ])
 def test_bad_tim_arguments(rt, kwargs, error, words):
     with pytest.raises(error, match=words):
