@@ -207,6 +207,28 @@ def test_a_checkpoint_with_code_is_refused_and_never_run(tmp_path):
         read_task_checkpoint(tmp_path)
 
 
+def test_files_that_are_not_torch_checkpoints_say_what_they_are(tmp_path):
+    """A plain pickle.dump (of tensors, or with code: never run), a text file, a truncated torch file."""
+    import pickle
+
+    marker = tmp_path / "ran"
+    plain = tmp_path / "weights.pkl"
+    plain.write_bytes(pickle.dumps({"model.head.head.2.bias": torch.zeros(2), "hook": _Payload(marker)}))
+    with pytest.raises(CheckpointError, match="a plain Python pickle, not a torch.save or Lightning checkpoint"):
+        read_task_checkpoint(plain)
+    assert not marker.exists()
+    text = tmp_path / "notes.ckpt"
+    text.write_text("model:\n  init_args: {}\n")
+    with pytest.raises(CheckpointError, match="not in a format tm-export reads"):
+        read_task_checkpoint(text)
+    whole = tmp_path / "whole.ckpt"
+    torch.save({"model.head.head.2.bias": torch.zeros(2)}, whole)
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(whole.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="cut.ckpt: not a torch checkpoint"):
+        read_task_checkpoint(cut)
+
+
 NECK_PLAIN = [{"name": "SelectIndices", "indices": [2, 5, 8, 11]}, {"name": "ReshapeTokensToImage"}]
 
 

@@ -8,6 +8,7 @@ tensors and plain containers: a file that needs anything else is refused, never 
 from __future__ import annotations
 
 import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -20,9 +21,27 @@ class CheckpointError(RuntimeError):
     """The checkpoint cannot be read safely, or does not hold a task model's weights."""
 
 
+# torch.save's two formats: a zip archive, or (before torch 1.6) a pickle that starts with this magic number.
+_ZIP_MAGIC = b"PK\x03\x04"
+_LEGACY_TORCH_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)
+_PICKLE_PROTO = b"\x80"  # a pickle of protocol 2 or later starts with PROTO
+
+
 def _load_pickle(path: Path) -> object:
+    with path.open("rb") as f:
+        head = f.read(len(_LEGACY_TORCH_MAGIC))
+    if not (head.startswith(_ZIP_MAGIC) or head == _LEGACY_TORCH_MAGIC):
+        # torch's safe unpickler cannot read a plain pickle.dump, and unpickling it otherwise would run
+        # any code it holds: say what the file is rather than where torch's loader stumbled.
+        what = "a plain Python pickle" if head.startswith(_PICKLE_PROTO) else "not in a format tm-export reads"
+        raise CheckpointError(
+            f"{path}: {what}, not a torch.save or Lightning checkpoint; tm-export reads those and .safetensors, "
+            "never arbitrary pickles. If you trust a pickle, re-save its weights: import pickle, torch; "
+            "torch.save(pickle.load(open(PATH, 'rb')), 'weights.pt')")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # protocol notes of torch's safe unpickler: not the user's concern
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # weights_only refuses any global outside its allow-list (e.g. os.system, a custom class).
         raise CheckpointError(
