@@ -29,8 +29,10 @@ def s2(batch=1, channels=12, size=224, dtype=np.float32):
     ({"S2L2A": np.zeros((12, 224, 224), np.float32)}, ValueError, r"S2L2A: expected a 4-D array.*\(12, 224, 224\)"),
     ({"S2L2A": s2(dtype=np.int16)}, TypeError, "S2L2A: expected a floating-point array.*int16"),
     ({"S2L2A": s2().tolist()}, TypeError, "S2L2A: expected a numpy.ndarray, got list"),
-    ({"S2L2A": s2(size=200)}, ValueError, "S2L2A: height and width must be multiples of 16, got 200x200"),
-    ({"S2L2A": s2(size=256)}, ValueError, "S2L2A: expected 224x224 .*got 256x256"),
+    # a size no export takes gets no re-export hint; one another export takes does
+    ({"S2L2A": s2(size=200)}, ValueError,
+     "S2L2A: expected 224x224 .*got 200x200; exports take square sizes that are multiples of 16: crop or pad"),
+    ({"S2L2A": s2(size=256)}, ValueError, "S2L2A: expected 224x224 .*got 256x256; re-export with --image-size 256"),
     ({"S2L2A": s2(batch=2), "S1GRD": np.zeros((3, 2, 224, 224), np.float32)}, ValueError,
      "same batch size, got S2L2A=2, S1GRD=3"),
     ({"S2L2A": s2(batch=0)}, ValueError, "S2L2A: batch size must be at least 1"),

@@ -54,13 +54,14 @@ def check_image(name: str, value: object, spec: ModalityEntry, image_size: int, 
             f"{name}: expected {spec.num_channels} channels ({', '.join(spec.bands)}), got {channels} "
             f"(shape {tuple(value.shape)})"
         )
-    if height % PATCH_SIZE or width % PATCH_SIZE:
-        raise ValueError(f"{name}: height and width must be multiples of {PATCH_SIZE}, got {height}x{width}")
     if (height, width) != (image_size, image_size):
-        raise ValueError(
-            f"{name}: expected {image_size}x{image_size} pixels (the size this export was made for), got "
-            f"{height}x{width}; re-export with --image-size {max(height, width)} for square inputs of that size"
-        )
+        if height % PATCH_SIZE or width % PATCH_SIZE:  # no export takes this size: crop, pad or tile
+            hint = (f"exports take square sizes that are multiples of {PATCH_SIZE}: crop or pad to "
+                    f"{image_size}x{image_size}, or tile larger scenes (tm-run)")
+        else:
+            hint = f"re-export with --image-size {max(height, width)} for square inputs of that size"
+        raise ValueError(f"{name}: expected {image_size}x{image_size} pixels (the size this export was made for), "
+                         f"got {height}x{width}; {hint}")
     array = np.ascontiguousarray(value, dtype=np.float32)
     if check_finite and not np.isfinite(array).all():
         bad = int(np.size(array) - np.isfinite(array).sum())
