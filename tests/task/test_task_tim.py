@@ -183,8 +183,13 @@ def test_tim_checkpoint_config_mismatch_names_the_key(tim_case, tmp_path):
     config = load_config(CONFIG, "terramind_v1_tiny")
     config["model"]["init_args"]["model_args"].pop("backbone_tim_modalities")
     path = write_config(config, tmp_path / "config.yaml")
-    with pytest.raises(TaskConfigError, match=r"holds a TiM backbone \(model\.encoder\.sampler\.model\.\*\)"):
+    # Lightning's record of the training arguments names the setting; a plain state_dict, the weights.
+    with pytest.raises(TaskConfigError, match=r"model_args\.backbone: the checkpoint .* trained with "
+                                              r"'terramind_v1_tiny_tim' .*this config has 'terramind_v1_tiny'"):
         export_task(TaskExportConfig(path, tmp_path / "b", ckpt=tim_case.ckpt), log=lambda s: None)
+    torch.save(state, tmp_path / "tim_plain.pt")
+    with pytest.raises(TaskConfigError, match=r"holds a TiM backbone \(model\.encoder\.sampler\.model\.\*\)"):
+        export_task(TaskExportConfig(path, tmp_path / "b", ckpt=tmp_path / "tim_plain.pt"), log=lambda s: None)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
