@@ -176,7 +176,7 @@ def _mapping(value: object, key: str) -> dict:
     return value
 
 
-def _positive_int(value: object) -> bool:
+def is_positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1  # YAML's true is no count
 
 
@@ -291,7 +291,7 @@ def _parse_model_args(args: dict, task_type: str, task_class: str) -> dict:
     num_classes = args.pop("num_classes", None)
     num_outputs = args.pop("num_outputs", None)
     if task_type == "segmentation":
-        if not _positive_int(num_classes):
+        if not is_positive_int(num_classes):
             raise TaskConfigError(f"{where}.num_classes: a segmentation task needs a positive integer, got "
                                   f"{num_classes!r}")
         if num_outputs is not None:
@@ -300,7 +300,7 @@ def _parse_model_args(args: dict, task_type: str, task_class: str) -> dict:
         if num_classes is not None:
             raise TaskConfigError(f"{where}.num_classes: a regression task takes num_outputs, not num_classes")
         num_outputs = 1 if num_outputs is None else num_outputs
-        if not _positive_int(num_outputs):
+        if not is_positive_int(num_outputs):
             raise TaskConfigError(f"{where}.num_outputs: expected a positive integer, got {num_outputs!r}")
     rescale = args.pop("rescale", True)
     if not isinstance(rescale, bool):
@@ -427,7 +427,7 @@ def _parse_temporal(backbone_args: dict) -> TemporalSpec | None:
     if pooling not in TEMPORAL_POOLINGS:
         raise TaskConfigError(f"{where}_pooling: {pooling!r} is not supported (choose one of "
                               f"{', '.join(TEMPORAL_POOLINGS)}; 'keep' returns 5-D features no decoder here takes)")
-    if n is not None and not _positive_int(n):
+    if n is not None and not is_positive_int(n):
         raise TaskConfigError(f"{where}_n_timestamps: expected a positive integer, got {n!r}")
     if subsets is not None:
         subsets = tuple(int_list(subsets, f"{where}_subset_lengths"))

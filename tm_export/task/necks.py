@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import NeckSpec, TaskConfigError, int_list
+from .config import NeckSpec, TaskConfigError, int_list, is_positive_int
 
 Features = list[torch.Tensor]
 
@@ -128,7 +128,7 @@ def build_neck(spec: NeckSpec, channels: list[int], grid: tuple[int, int], posit
 
 def _int_arg(args: dict, key: str, default: int, where: str) -> int:
     value = args.get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not is_positive_int(value):
         raise TaskConfigError(f"{where}.{key}: expected a positive integer, got {value!r}")
     return value
 
